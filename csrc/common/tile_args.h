@@ -1,0 +1,94 @@
+// Host-side validation for the tile ops; both backends call these before launching.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+
+#include "common/checks.h"
+#include "common/tile_grid.h"
+
+namespace fastunet {
+
+inline void check_tile_weight(const c10::optional<at::Tensor>& weight, const at::Tensor& ref,
+                              int64_t tile_h, int64_t tile_w) {
+  if (!weight.has_value()) return;
+  FASTUNET_CHECK_FLOATING(*weight, "tile weight");
+  FASTUNET_CHECK_SAME_DEVICE(*weight, ref, "tile weight", "tiles");
+  TORCH_CHECK(weight->dim() == 2 && weight->size(0) == tile_h && weight->size(1) == tile_w,
+              "tile weight must have shape (", tile_h, ", ", tile_w, ") like one window, got ",
+              weight->sizes());
+}
+
+// Weights in the accumulation type (float for half/bfloat16/float, double for double).
+inline c10::optional<at::Tensor> prepare_tile_weight(const c10::optional<at::Tensor>& weight,
+                                                     at::ScalarType dtype) {
+  if (!weight.has_value()) return c10::nullopt;
+  const bool on_cuda = weight->is_cuda();
+  return weight->to(at::toAccumulateType(dtype, on_cuda ? c10::DeviceType::CUDA
+                                                        : c10::DeviceType::CPU))
+      .contiguous();
+}
+
+inline void check_stride(int64_t stride_h, int64_t stride_w) {
+  FASTUNET_CHECK_POSITIVE(stride_h, "stride_h");
+  FASTUNET_CHECK_POSITIVE(stride_w, "stride_w");
+}
+
+// tiles (batch * grid_h * grid_w, C, tile_h, tile_w) -> images (batch, C, height, width)
+inline TileGrid aggregate_grid(const at::Tensor& tiles, int64_t batch, int64_t height,
+                               int64_t width, int64_t stride_h, int64_t stride_w,
+                               const c10::optional<at::Tensor>& weight) {
+  FASTUNET_CHECK_DIM(tiles, 4, "tiles");
+  FASTUNET_CHECK_FLOATING(tiles, "tiles");
+  TORCH_CHECK(batch >= 0, "batch must be non-negative, got ", batch);
+  FASTUNET_CHECK_POSITIVE(height, "height");
+  FASTUNET_CHECK_POSITIVE(width, "width");
+  check_stride(stride_h, stride_w);
+  TileGrid g;
+  g.batch = batch;
+  g.channels = tiles.size(1);
+  g.height = height;
+  g.width = width;
+  g.tile_h = tiles.size(2);
+  g.tile_w = tiles.size(3);
+  g.stride_h = stride_h;
+  g.stride_w = stride_w;
+  TORCH_CHECK(g.tile_h >= 1 && g.tile_h <= height && g.tile_w >= 1 && g.tile_w <= width,
+              "window (", g.tile_h, "x", g.tile_w, ") must be non-empty and fit in the image (",
+              height, "x", width, "); clip the window to the image first");
+  g.grid_h = tile_count(height, g.tile_h, stride_h);
+  g.grid_w = tile_count(width, g.tile_w, stride_w);
+  TORCH_CHECK(tiles.size(0) == g.num_tiles(), "expected ", g.num_tiles(), " windows (batch ",
+              batch, " x grid ", g.grid_h, "x", g.grid_w, ") for a ", height, "x", width,
+              " image with window ", g.tile_h, "x", g.tile_w, " and stride ", stride_h, "x",
+              stride_w, ", got ", tiles.size(0));
+  check_tile_weight(weight, tiles, g.tile_h, g.tile_w);
+  return g;
+}
+
+// images (batch, C, height, width) -> tiles (batch * grid_h * grid_w, C, tile_h, tile_w)
+inline TileGrid extract_grid(const at::Tensor& image, int64_t tile_h, int64_t tile_w,
+                             int64_t stride_h, int64_t stride_w,
+                             const c10::optional<at::Tensor>& weight) {
+  FASTUNET_CHECK_DIM(image, 4, "image");
+  FASTUNET_CHECK_FLOATING(image, "image");
+  check_stride(stride_h, stride_w);
+  TileGrid g;
+  g.batch = image.size(0);
+  g.channels = image.size(1);
+  g.height = image.size(2);
+  g.width = image.size(3);
+  g.tile_h = tile_h;
+  g.tile_w = tile_w;
+  g.stride_h = stride_h;
+  g.stride_w = stride_w;
+  TORCH_CHECK(tile_h >= 1 && tile_h <= g.height && tile_w >= 1 && tile_w <= g.width,
+              "window (", tile_h, "x", tile_w, ") must be non-empty and fit in the image (",
+              g.height, "x", g.width, "); clip the window to the image first");
+  g.grid_h = tile_count(g.height, tile_h, stride_h);
+  g.grid_w = tile_count(g.width, tile_w, stride_w);
+  check_tile_weight(weight, image, tile_h, tile_w);
+  return g;
+}
+
+}  // namespace fastunet

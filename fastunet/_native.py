@@ -1,0 +1,49 @@
+"""Loads the compiled extension ``fastunet._C`` and says once, clearly, when it cannot."""
+import os
+import warnings
+
+import torch
+
+
+class FallbackWarning(RuntimeWarning):
+    """The native kernels are unavailable; pure-PyTorch reference code runs instead."""
+
+
+LOADED = False
+LOAD_ERROR = None
+BUILD_INFO = {}
+
+if os.environ.get("FASTUNET_DISABLE_EXTENSION") == "1":
+    LOAD_ERROR = "disabled by FASTUNET_DISABLE_EXTENSION=1"
+else:
+    try:
+        from . import _C  # registers torch.ops.fastunet.* as a side effect
+
+        BUILD_INFO = dict(_C.build_info())
+        LOADED = True
+    except (ImportError, OSError) as exc:  # not built, or built against another torch
+        LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+if LOADED:
+    built = BUILD_INFO.get("torch_version", "")
+    if built.split("+")[0].split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
+        warnings.warn(f"fastunet: the native extension was built against torch {built} but torch "
+                      f"{torch.__version__} is running; rebuild it (pip install --no-build-isolation "
+                      f"-e .) if anything misbehaves", FallbackWarning, stacklevel=2)
+else:
+    warnings.warn(f"fastunet: native extension not loaded ({LOAD_ERROR}); using the pure-PyTorch "
+                  f"reference implementations, which are correct but slower. Build it with "
+                  f"`pip install --no-build-isolation -e .`", FallbackWarning, stacklevel=2)
+
+
+def has_cuda_kernels():
+    """True when the loaded extension was compiled with its CUDA kernels."""
+    return LOADED and bool(BUILD_INFO.get("cuda", False))
+
+
+def use_native(tensor):
+    """Whether the native op can take this tensor (its device has compiled kernels)."""
+    if not LOADED:
+        return False
+    kind = tensor.device.type
+    return kind in ("cpu", "meta") or (kind == "cuda" and has_cuda_kernels())

@@ -1,0 +1,95 @@
+"""Sliding-window tile ops: typed wrappers, fake (meta) kernels and autograd.
+
+``tile_extract`` cuts the SPEC §1 window grid out of images; ``tile_aggregate`` puts window
+outputs back, averaging where windows overlap. Each is the other's adjoint, so each one's
+backward is the other op (double backward works too). Without the native library the wrappers
+run ``tile_reference``.
+"""
+import torch
+
+from .. import _native
+from . import tile_reference as ref
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def tile_aggregate(tiles, batch, height, width, stride, weight=None, normalize=True):
+    """Average (or sum) window outputs into full images.
+
+    tiles: (batch * grid_h * grid_w, C, th, tw), windows in row-major grid order per image, the
+    window no larger than the image; stride: int or (sh, sw); weight: optional (th, tw) per-pixel
+    window weights (e.g. Gaussian importance); normalize: divide by the summed weights (the
+    window count when unweighted). Returns (batch, C, height, width); uncovered pixels are 0.
+    """
+    sh, sw = _pair(stride)
+    if _native.use_native(tiles):
+        return torch.ops.fastunet.tile_aggregate(tiles, batch, height, width, sh, sw, weight,
+                                                 normalize)
+    ref.check_grid(height, width, tiles.shape[-2], tiles.shape[-1], sh, sw)
+    return ref.tile_aggregate(tiles, batch, height, width, sh, sw, weight, normalize)
+
+
+def tile_extract(image, tile_size, stride, weight=None, normalize=False):
+    """Cut (N, C, H, W) images into (N * grid_h * grid_w, C, th, tw) windows (SPEC §1 grid).
+
+    With weight/normalize it is the exact adjoint of tile_aggregate with the same arguments.
+    """
+    th, tw = _pair(tile_size)
+    sh, sw = _pair(stride)
+    if _native.use_native(image):
+        return torch.ops.fastunet.tile_extract(image, th, tw, sh, sw, weight, normalize)
+    ref.check_grid(image.shape[-2], image.shape[-1], th, tw, sh, sw)
+    return ref.tile_extract(image, th, tw, sh, sw, weight, normalize)
+
+
+if _native.LOADED:
+
+    @torch.library.register_fake("fastunet::tile_aggregate")
+    def _tile_aggregate_fake(tiles, batch, height, width, stride_h, stride_w, weight=None,
+                             normalize=True):
+        torch._check(tiles.dim() == 4, lambda: f"tiles must be 4-D, got {tiles.shape}")
+        torch._check(tiles.shape[2] <= height and tiles.shape[3] <= width,
+                     lambda: "window must fit in the image")
+        gh = ref.window_count(height, tiles.shape[2], stride_h)
+        gw = ref.window_count(width, tiles.shape[3], stride_w)
+        torch._check(tiles.shape[0] == batch * gh * gw,
+                     lambda: f"expected {batch * gh * gw} windows, got {tiles.shape[0]}")
+        return tiles.new_empty((batch, tiles.shape[1], height, width))
+
+    @torch.library.register_fake("fastunet::tile_extract")
+    def _tile_extract_fake(image, tile_h, tile_w, stride_h, stride_w, weight=None,
+                           normalize=False):
+        torch._check(image.dim() == 4, lambda: f"image must be 4-D, got {image.shape}")
+        n, c, h, w = image.shape
+        torch._check(tile_h <= h and tile_w <= w, lambda: "window must fit in the image")
+        count = n * ref.window_count(h, tile_h, stride_h) * ref.window_count(w, tile_w, stride_w)
+        return image.new_empty((count, c, tile_h, tile_w))
+
+    def _aggregate_setup(ctx, inputs, output):
+        tiles, _, _, _, sh, sw, weight, normalize = inputs
+        ctx.args = (tiles.shape[2], tiles.shape[3], sh, sw, normalize)
+        ctx.save_for_backward(weight)
+
+    def _aggregate_backward(ctx, grad):
+        th, tw, sh, sw, normalize = ctx.args
+        (weight,) = ctx.saved_tensors
+        grad_tiles = torch.ops.fastunet.tile_extract(grad, th, tw, sh, sw, weight, normalize)
+        return grad_tiles, None, None, None, None, None, None, None
+
+    def _extract_setup(ctx, inputs, output):
+        image, _, _, sh, sw, weight, normalize = inputs
+        ctx.args = (image.shape[0], image.shape[2], image.shape[3], sh, sw, normalize)
+        ctx.save_for_backward(weight)
+
+    def _extract_backward(ctx, grad):
+        n, h, w, sh, sw, normalize = ctx.args
+        (weight,) = ctx.saved_tensors
+        grad_image = torch.ops.fastunet.tile_aggregate(grad, n, h, w, sh, sw, weight, normalize)
+        return grad_image, None, None, None, None, None, None
+
+    torch.library.register_autograd("fastunet::tile_aggregate", _aggregate_backward,
+                                    setup_context=_aggregate_setup)
+    torch.library.register_autograd("fastunet::tile_extract", _extract_backward,
+                                    setup_context=_extract_setup)

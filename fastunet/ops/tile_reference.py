@@ -1,0 +1,74 @@
+"""Pure-PyTorch reference of the tile ops: the sliding-window loop of SPEC §1, written plainly.
+
+It defines what the native kernels must compute, and runs when they are unavailable.
+"""
+import torch
+
+
+def window_count(size, tile, stride):
+    """Number of windows along one axis (window no larger than the image)."""
+    return (size - tile + stride - 1) // stride + 1
+
+
+def window_starts(size, tile, stride):
+    """Window starts along one axis: i*stride, the last moved back to end at the border."""
+    return [min(i * stride, size - tile) for i in range(window_count(size, tile, stride))]
+
+
+def _acc(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _normaliser(height, width, tile_h, tile_w, stride_h, stride_w, weight, device, dtype):
+    w = torch.ones(tile_h, tile_w, device=device, dtype=dtype) if weight is None else weight.to(dtype)
+    norm = torch.zeros(height, width, device=device, dtype=dtype)
+    for y in window_starts(height, tile_h, stride_h):
+        for x in window_starts(width, tile_w, stride_w):
+            norm[y:y + tile_h, x:x + tile_w] += w
+    return norm
+
+
+def tile_aggregate(tiles, batch, height, width, stride_h, stride_w, weight=None, normalize=True):
+    """(batch*gh*gw, C, th, tw) windows -> (batch, C, height, width) weighted average (or sum)."""
+    _, channels, tile_h, tile_w = tiles.shape
+    acc = _acc(tiles)
+    ys, xs = window_starts(height, tile_h, stride_h), window_starts(width, tile_w, stride_w)
+    if tiles.shape[0] != batch * len(ys) * len(xs):
+        raise RuntimeError(f"expected {batch * len(ys) * len(xs)} windows, got {tiles.shape[0]}")
+    grid = acc.reshape(batch, len(ys), len(xs), channels, tile_h, tile_w)
+    if weight is not None:
+        grid = grid * weight.to(acc.dtype)
+    out = acc.new_zeros(batch, channels, height, width)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            out[:, :, y:y + tile_h, x:x + tile_w] += grid[:, i, j]
+    if normalize:
+        norm = _normaliser(height, width, tile_h, tile_w, stride_h, stride_w, weight, out.device,
+                           out.dtype)
+        out = torch.where(norm > 0, out / norm.clamp_min(torch.finfo(out.dtype).tiny), 0.0)
+    return out.to(tiles.dtype)
+
+
+def tile_extract(image, tile_h, tile_w, stride_h, stride_w, weight=None, normalize=False):
+    """(N, C, H, W) -> (N*gh*gw, C, th, tw) windows; the adjoint of tile_aggregate."""
+    batch, channels, height, width = image.shape
+    acc = _acc(image)
+    if normalize:
+        norm = _normaliser(height, width, tile_h, tile_w, stride_h, stride_w, weight, acc.device,
+                           acc.dtype)
+        acc = torch.where(norm > 0, acc / norm.clamp_min(torch.finfo(acc.dtype).tiny), 0.0)
+    ys, xs = window_starts(height, tile_h, stride_h), window_starts(width, tile_w, stride_w)
+    windows = [acc[:, :, y:y + tile_h, x:x + tile_w] for y in ys for x in xs]
+    out = torch.stack(windows, dim=1).reshape(batch * len(ys) * len(xs), channels, tile_h, tile_w)
+    if weight is not None:
+        out = out * weight.to(acc.dtype)
+    return out.to(image.dtype)
+
+
+def check_grid(height, width, tile_h, tile_w, stride_h, stride_w):
+    """The native kernels' argument checks, for the reference path (same RuntimeError)."""
+    if stride_h <= 0 or stride_w <= 0:
+        raise RuntimeError(f"stride must be positive, got {stride_h}x{stride_w}")
+    if not (1 <= tile_h <= height and 1 <= tile_w <= width):
+        raise RuntimeError(f"window ({tile_h}x{tile_w}) must be non-empty and fit in the image "
+                           f"({height}x{width}); clip the window to the image first")

@@ -1,0 +1,24 @@
+"""Shared fixtures: the device parameter (cuda cases are marked and skipped without a GPU)."""
+import pytest
+import torch
+
+from fastunet import _native
+
+HAS_CUDA = torch.cuda.is_available() and _native.has_cuda_kernels()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and fastunet's CUDA kernels")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

@@ -1,0 +1,191 @@
+"""tile_extract / tile_aggregate against the SPEC §1 loop, over awkward grids, dtypes, layouts."""
+import math
+
+import pytest
+import torch
+
+from fastunet import _native, ops
+from fastunet.ops import tile_reference as ref
+
+# (H, W, tile_h, tile_w, stride_h, stride_w)
+GRIDS = [
+    (97, 131, 64, 64, 42, 42),    # odd sizes, DRIVE crop/stride
+    (64, 64, 64, 64, 42, 42),     # image equals the window: one window
+    (50, 70, 50, 64, 42, 42),     # window clipped to an image smaller than the crop
+    (100, 90, 30, 20, 40, 25),    # stride larger than the window: uncovered gaps
+    (127, 127, 64, 64, 63, 63),   # 1-pixel overlaps
+    (37, 53, 16, 24, 5, 7),       # H != W, many windows per pixel
+    (5, 7, 1, 1, 1, 1),           # 1x1 windows
+]
+IDS = ["x".join(map(str, g)) for g in GRIDS]
+
+
+def spec_loop(image_fn, batch, channels, H, W, hc, wc, hs, ws, dtype=torch.float64):
+    """SPEC §1 verbatim: crop, run, add, count, divide. image_fn(y1, x1, y2, x2) -> window."""
+    h_grids = max(H - hc + hs - 1, 0) // hs + 1
+    w_grids = max(W - wc + ws - 1, 0) // ws + 1
+    logits = torch.zeros(batch, channels, H, W, dtype=dtype)
+    count = torch.zeros(H, W, dtype=dtype)
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y1, x1 = i * hs, j * ws
+            y2, x2 = min(y1 + hc, H), min(x1 + wc, W)
+            y1, x1 = max(y2 - hc, 0), max(x2 - wc, 0)
+            logits[:, :, y1:y2, x1:x2] += image_fn(y1, x1, y2, x2)
+            count[y1:y2, x1:x2] += 1
+    return logits / count, count
+
+
+def gaussian(th, tw, dtype=torch.float64):
+    gy = torch.exp(-0.5 * ((torch.arange(th, dtype=dtype) - (th - 1) / 2) / (th / 8)) ** 2)
+    gx = torch.exp(-0.5 * ((torch.arange(tw, dtype=dtype) - (tw - 1) / 2) / (tw / 8)) ** 2)
+    return gy[:, None] * gx[None, :]
+
+
+def layout(t, kind):
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "permuted":  # a non-contiguous view with the same values
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=IDS)
+def test_window_starts_follow_spec(grid):
+    H, W, th, tw, sh, sw = grid
+    seen = []
+    spec_loop(lambda y1, x1, y2, x2: seen.append((y1, x1)) or 0.0, 1, 1, H, W, th, tw, sh, sw)
+    starts = [(y, x) for y in ref.window_starts(H, th, sh) for x in ref.window_starts(W, tw, sw)]
+    assert seen == starts
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=IDS)
+def test_reference_aggregate_equals_spec_loop(grid):
+    H, W, th, tw, sh, sw = grid
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, H, W, dtype=torch.float64)
+    expected, count = spec_loop(lambda y1, x1, y2, x2: img[:, :, y1:y2, x1:x2] * 2, 2, 3, H, W,
+                                th, tw, sh, sw)
+    tiles = ref.tile_extract(img * 2, th, tw, sh, sw)
+    got = ref.tile_aggregate(tiles, 2, H, W, sh, sw)
+    covered = count > 0
+    torch.testing.assert_close(got[..., covered], expected[..., covered])
+    assert (got[..., ~covered] == 0).all()
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=IDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "gaussian"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["avg", "sum"])
+@pytest.mark.parametrize("mem", ["contiguous", "channels_last", "permuted"])
+def test_ops_match_reference(device, grid, weighted, normalize, mem):
+    H, W, th, tw, sh, sw = grid
+    torch.manual_seed(1)
+    w = gaussian(th, tw).to(device) if weighted else None
+    img = layout(torch.randn(2, 3, H, W, dtype=torch.float64, device=device), mem)
+    tiles = ops.tile_extract(img, (th, tw), (sh, sw), weight=w, normalize=normalize)
+    torch.testing.assert_close(tiles, ref.tile_extract(img, th, tw, sh, sw, w, normalize))
+    tiles = layout(torch.randn_like(tiles), mem)
+    out = ops.tile_aggregate(tiles, 2, H, W, (sh, sw), weight=w, normalize=normalize)
+    torch.testing.assert_close(out, ref.tile_aggregate(tiles, 2, H, W, sh, sw, w, normalize))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_error_within_twice_reference(device, dtype):
+    # flash-attention's rule: our error vs fp64 at most 2x PyTorch's same-precision error (+eps).
+    H, W, th, tw, sh, sw = 97, 131, 64, 64, 42, 42
+    torch.manual_seed(2)
+    tiles64 = torch.randn(2 * 2 * 3, 2, th, tw, dtype=torch.float64, device=device)
+    w = gaussian(th, tw).to(device)
+    exact = ref.tile_aggregate(tiles64, 2, H, W, sh, sw, w, True)
+    low = tiles64.to(dtype)
+    ours = ops.tile_aggregate(low, 2, H, W, (sh, sw), weight=w).double()
+    naive = torch.zeros(2, 2, H, W, dtype=dtype, device=device)  # same-precision PyTorch loop
+    norm = torch.zeros(H, W, dtype=dtype, device=device)
+    grid = low.reshape(2, 2, 3, 2, th, tw) * w.to(dtype)
+    for i, y in enumerate(ref.window_starts(H, th, sh)):
+        for j, x in enumerate(ref.window_starts(W, tw, sw)):
+            naive[:, :, y:y + th, x:x + tw] += grid[:, i, j]
+            norm[y:y + th, x:x + tw] += w.to(dtype)
+    naive_err = (naive / norm).double().sub(exact).abs().max().item()
+    ours_err = ours.sub(exact).abs().max().item()
+    assert ours_err <= 2 * naive_err + torch.finfo(dtype).eps
+
+
+def test_batch_of_one_and_empty(device):
+    img = torch.randn(1, 2, 40, 40, device=device)
+    tiles = ops.tile_extract(img, 32, 16)
+    assert tiles.shape == (4, 2, 32, 32)
+    torch.testing.assert_close(ops.tile_aggregate(tiles, 1, 40, 40, 16), img)
+    empty = torch.randn(0, 2, 40, 40, device=device)
+    assert ops.tile_extract(empty, 32, 16).shape == (0, 2, 32, 32)
+    assert ops.tile_aggregate(torch.empty(0, 2, 32, 32, device=device), 0, 40, 40, 16).shape == (
+        0, 2, 40, 40)
+
+
+@pytest.mark.parametrize("grid", [GRIDS[0], GRIDS[3], GRIDS[5]], ids=[IDS[0], IDS[3], IDS[5]])
+def test_ops_are_adjoint(device, grid):
+    H, W, th, tw, sh, sw = grid
+    torch.manual_seed(3)
+    w = gaussian(th, tw).to(device)
+    x = torch.randn(2, 2, H, W, dtype=torch.float64, device=device)
+    t = torch.randn_like(ops.tile_extract(x, (th, tw), (sh, sw)))
+    lhs = (ops.tile_aggregate(t, 2, H, W, (sh, sw), weight=w) * x).sum()
+    rhs = (t * ops.tile_extract(x, (th, tw), (sh, sw), weight=w, normalize=True)).sum()
+    assert math.isclose(lhs.item(), rhs.item(), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck(device, weighted, normalize):
+    H, W, th, tw, sh, sw = 11, 13, 6, 5, 4, 3
+    w = gaussian(th, tw).to(device) if weighted else None
+    img = torch.randn(2, 2, H, W, dtype=torch.float64, device=device, requires_grad=True)
+    tiles = torch.randn(2 * 3 * 4, 2, th, tw, dtype=torch.float64, device=device,
+                        requires_grad=True)
+    agg = lambda t: ops.tile_aggregate(t, 2, H, W, (sh, sw), weight=w, normalize=normalize)
+    ext = lambda x: ops.tile_extract(x, (th, tw), (sh, sw), weight=w, normalize=normalize)
+    assert torch.autograd.gradcheck(agg, (tiles,))
+    assert torch.autograd.gradcheck(ext, (img,))
+    assert torch.autograd.gradgradcheck(agg, (tiles,))
+
+
+@pytest.mark.skipif(not _native.LOADED, reason="opcheck needs the native ops")
+@pytest.mark.parametrize("grid", [GRIDS[0], GRIDS[2], GRIDS[3]], ids=[IDS[0], IDS[2], IDS[3]])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck(device, grid, weighted):
+    H, W, th, tw, sh, sw = grid
+    w = gaussian(th, tw, torch.float32).to(device) if weighted else None
+    img = torch.randn(1, 2, H, W, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastunet.tile_extract.default,
+                          (img, th, tw, sh, sw, w, weighted))
+    tiles = ops.tile_extract(img.detach(), (th, tw), (sh, sw)).requires_grad_()
+    torch.library.opcheck(torch.ops.fastunet.tile_aggregate.default,
+                          (tiles, 1, H, W, sh, sw, w, True))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.tile_extract(torch.randn(1, 1, 20, 20), 32, 8), "fit in the image"),
+    (lambda: ops.tile_extract(torch.randn(1, 1, 20, 20), 8, 0), "stride"),
+    (lambda: ops.tile_extract(torch.randn(1, 20, 20), 8, 4), "4-D"),
+    (lambda: ops.tile_extract(torch.ones(1, 1, 20, 20, dtype=torch.int64), 8, 4), "floating"),
+    (lambda: ops.tile_aggregate(torch.randn(3, 1, 8, 8), 1, 20, 20, 4), "expected 16 windows"),
+    (lambda: ops.tile_aggregate(torch.randn(16, 1, 8, 8), 1, 20, 20, 4,
+                                weight=torch.ones(4, 4)), "shape"),
+])
+def test_bad_arguments_raise(call, message):
+    if not _native.LOADED and message in ("4-D", "floating", "shape"):
+        pytest.skip("checked by the native kernels only")
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
+def test_torch_compile_fullgraph(device):
+    def f(x):
+        t = ops.tile_extract(x, (16, 16), (10, 10))
+        return ops.tile_aggregate(t * 2 + 1, x.shape[0], x.shape[2], x.shape[3], (10, 10))
+
+    x = torch.randn(2, 3, 37, 41, device=device)
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x))
