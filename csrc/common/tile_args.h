@@ -66,6 +66,12 @@ inline TileGrid aggregate_grid(const at::Tensor& tiles, int64_t batch, int64_t h
   return g;
 }
 
+// The argmax epilogue writes class indices as uint8.
+inline void check_argmax_channels(const TileGrid& g) {
+  TORCH_CHECK(g.channels >= 1 && g.channels <= 256, "tile_aggregate_argmax needs 1 to 256 "
+              "channels (classes) to write uint8 labels, got ", g.channels);
+}
+
 // images (batch, C, height, width) -> tiles (batch * grid_h * grid_w, C, tile_h, tile_w)
 inline TileGrid extract_grid(const at::Tensor& image, int64_t tile_h, int64_t tile_w,
                              int64_t stride_h, int64_t stride_w,
