@@ -89,6 +89,18 @@ def test_ops_match_reference(device, grid, weighted, normalize, mem):
     torch.testing.assert_close(out, ref.tile_aggregate(tiles, 2, H, W, sh, sw, w, normalize))
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=IDS)
+def test_float32_average_is_bitwise_the_spec_loop(device, grid):
+    # float32 windows are summed in float32 in the reference's order, then divided by the
+    # count: the very numbers mmseg's loop produces, not merely close ones
+    H, W, th, tw, sh, sw = grid
+    torch.manual_seed(7)
+    img = torch.randn(1, 2, H, W)
+    tiles = ref.tile_extract(img, th, tw, sh, sw) * 3 + 1
+    expected = ref.tile_aggregate(tiles, 1, H, W, sh, sw)
+    assert torch.equal(ops.tile_aggregate(tiles.to(device), 1, H, W, (sh, sw)).cpu(), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_error_within_twice_reference(device, dtype):
     # flash-attention's rule: our error vs fp64 at most 2x PyTorch's same-precision error (+eps).

@@ -7,7 +7,6 @@
 // no atomics, and each window element is read exactly once, in contiguous runs of
 // (rows in block) x tile_w elements, so the op streams at memory bandwidth.
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,6 +16,9 @@
 #include <limits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -63,15 +65,33 @@ inline void prefetch_run(const scalar_t* p, int64_t n) {
   for (; c < end; c += 64) __builtin_prefetch(c, 0, 0);
 }
 
+// The inner loops, written so that they auto-vectorize. For float (the common case) they are
+// also compiled for AVX2 and picked at load time (GCC/Clang function multiversioning); AVX2
+// without FMA, so results are bitwise those of the baseline build.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTUNET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTUNET_CLONES
+#endif
+
 template <typename scalar_t, typename acc_t>
 inline void add_run(acc_t* __restrict__ dst, const scalar_t* __restrict__ src, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] += static_cast<acc_t>(src[k]);
+}
+
+FASTUNET_CLONES void add_run(float* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] += src[k];
 }
 
 template <typename scalar_t, typename acc_t>
 inline void add_run_weighted(acc_t* __restrict__ dst, const scalar_t* __restrict__ src,
                              const acc_t* __restrict__ w, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] += static_cast<acc_t>(src[k]) * w[k];
+}
+
+FASTUNET_CLONES void add_run_weighted(float* __restrict__ dst, const float* __restrict__ src,
+                                      const float* __restrict__ w, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] += src[k] * w[k];
 }
 
 template <typename acc_t>
@@ -96,6 +116,33 @@ inline void store_divided(out_t* __restrict__ dst, const acc_t* __restrict__ a,
     dst[k] = static_cast<out_t>(a[k] / (norm[k] > acc_t(0) ? norm[k] : kInf));
 }
 
+FASTUNET_CLONES void store_divided(float* __restrict__ dst, const float* __restrict__ a,
+                                   const float* __restrict__ norm, int64_t n) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < n; ++k) dst[k] = a[k] / (norm[k] > 0.0f ? norm[k] : kInf);
+}
+
+#if defined(__SSE2__)
+#define FASTUNET_STREAM_STORES 1
+// store_divided with non-temporal stores: an output much larger than the caches is written
+// without first reading every line into them (write-allocate), a third less memory traffic.
+void store_divided_stream(float* __restrict__ dst, const float* __restrict__ a,
+                          const float* __restrict__ norm, int64_t n) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  int64_t k = 0;
+  for (; k < n && (reinterpret_cast<uintptr_t>(dst + k) & 15) != 0; ++k)
+    dst[k] = a[k] / (norm[k] > 0.0f ? norm[k] : kInf);
+  const __m128 inf = _mm_set1_ps(kInf), zero = _mm_setzero_ps();
+  for (; k + 4 <= n; k += 4) {
+    const __m128 nv = _mm_loadu_ps(norm + k);
+    const __m128 covered = _mm_cmpgt_ps(nv, zero);
+    const __m128 d = _mm_or_ps(_mm_and_ps(covered, nv), _mm_andnot_ps(covered, inf));
+    _mm_stream_ps(dst + k, _mm_div_ps(_mm_loadu_ps(a + k), d));
+  }
+  for (; k < n; ++k) dst[k] = a[k] / (norm[k] > 0.0f ? norm[k] : kInf);
+}
+#endif
+
 template <typename acc_t, typename out_t>
 inline void store_run(out_t* __restrict__ dst, const acc_t* __restrict__ src, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<out_t>(src[k]);
@@ -116,7 +163,7 @@ inline void argmax_step(const acc_t* __restrict__ v, acc_t* __restrict__ best,
 template <typename scalar_t, Epilogue E>
 void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& weight_t,
                     bool normalize, void* out_ptr) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using acc_t = tile_acc_t<scalar_t>;
   const acc_t* weight = weight_t.defined() ? weight_t.data_ptr<acc_t>() : nullptr;
   const int64_t H = g.height, W = g.width, C = g.channels, th = g.tile_h, tw = g.tile_w;
 
@@ -136,6 +183,9 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
   const int64_t blocks = (H + R - 1) / R;
   const bool weight_sums = weight != nullptr && normalize;
 
+  // Stream (non-temporal stores) only outputs far larger than the last-level cache: a smaller
+  // one is better left in cache for whoever reads it next.
+  const bool stream = g.batch * C * H * W * int64_t(sizeof(scalar_t)) > (24 << 20);
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t task0, int64_t task1) {
     std::vector<acc_t> acc(C * R * W);
     std::vector<acc_t> wsum(weight_sums ? R * W : 0);
@@ -194,6 +244,14 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
             scalar_t* dst = out + ((n * C + c) * H + y) * W;
             const acc_t* a = acc.data() + (c * R + r) * W;
             if (normalize) {
+#ifdef FASTUNET_STREAM_STORES
+              if constexpr (std::is_same_v<scalar_t, float>) {
+                if (stream) {
+                  store_divided_stream(dst, a, norm.data(), W);
+                  continue;
+                }
+              }
+#endif
               store_divided(dst, a, norm.data(), W);
             } else {
               store_run(dst, a, W);
@@ -234,6 +292,9 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
         }
       }
     }
+#ifdef FASTUNET_STREAM_STORES
+    if (stream) _mm_sfence();  // make the streamed stores visible before the task ends
+#endif
   });
 }
 
@@ -269,7 +330,7 @@ std::vector<acc_t> normaliser(const TileGrid& g, const acc_t* weight) {
 template <typename scalar_t>
 void extract_impl(const TileGrid& g, const scalar_t* image, const at::Tensor& weight_t,
                   bool normalize, scalar_t* tiles) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using acc_t = tile_acc_t<scalar_t>;
   const acc_t* weight = weight_t.defined() ? weight_t.data_ptr<acc_t>() : nullptr;
   std::vector<acc_t> norm;
   if (normalize) norm = normaliser<acc_t>(g, weight);

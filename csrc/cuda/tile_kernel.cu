@@ -6,7 +6,6 @@
 // consecutive elements of one window row (coalesced) and writes 32 consecutive outputs; the
 // column's covering-window range is computed once per thread, the row's once per grid row.
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -194,7 +193,7 @@ at::Tensor tile_aggregate_cuda(const at::Tensor& tiles_in, int64_t batch, int64_
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
                                   "tile_aggregate_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    using acc_t = tile_acc_t<scalar_t>;
     const acc_t* w = weight ? weight->data_ptr<acc_t>() : nullptr;
     if (softmax) {
       tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, false>
@@ -225,7 +224,7 @@ at::Tensor tile_aggregate_argmax_cuda(const at::Tensor& tiles_in, int64_t batch,
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
                                   "tile_aggregate_argmax_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    using acc_t = tile_acc_t<scalar_t>;
     tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, true>
         <<<grid_2d(width, batch * height), kThreads, 0, stream>>>(
             g, tiles.data_ptr<scalar_t>(), weight ? weight->data_ptr<acc_t>() : nullptr, true,
@@ -249,7 +248,7 @@ at::Tensor tile_extract_cuda(const at::Tensor& image_in, int64_t tile_h, int64_t
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(),
                                   "tile_extract_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    using acc_t = tile_acc_t<scalar_t>;
     tile_extract_forward_kernel_impl<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
         g, image.data_ptr<scalar_t>(), weight ? weight->data_ptr<acc_t>() : nullptr, normalize,
         tiles.data_ptr<scalar_t>(), total);
