@@ -106,7 +106,13 @@ class Predictor:
             fastunet.load_checkpoint(model, checkpoint)
         model.eval()
         if fuse:
-            model = fastunet.fuse(model)
+            try:
+                fuse_model = fastunet.fuse
+            except (AttributeError, ImportError):  # a build without fastunet.nn.fuse
+                warnings.warn("fastunet.fuse is unavailable; the model runs unfused",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                model = fuse_model(model)
         model.to(self.device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
