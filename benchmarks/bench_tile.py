@@ -13,12 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastunet import ops
+from fastunet import _native, ops
 from fastunet.ops import tile_reference as ref
 
 # (name, H, W, window, stride): DRIVE and HRF grids of SPEC §1 with 2-class logits
 CASES = [("drive", 584, 565, 64, 42), ("hrf", 2336, 3504, 256, 170)]
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available()
+                                              and _native.has_cuda_kernels()),
+                                         reason="needs a CUDA GPU and fastunet's CUDA kernels")])]
 
 
 def _sync(device):

@@ -78,7 +78,8 @@ def test_slide_equals_spec_loop(name, H, W, crop, stride):
     got = infer(net, x, "slide", crop, stride)
     close(got, expected)
     windows = ref.window_count(H, crop, stride) * ref.window_count(W, crop, stride) * x.shape[0]
-    assert sum(c[0] for c in net.calls[1:]) == windows  # calls[0] is the probe
+    batches = [c[0] for c in net.calls[1:]]  # calls[0] is the probe
+    assert len(set(batches)) == 1 and windows <= sum(batches) < windows + len(batches)
     if crop < 256:  # on the CPU, 256x256 windows already fill a batch
         assert len(net.calls) - 1 < windows  # batched
 
@@ -251,7 +252,7 @@ def test_batch_sizing_balances_the_last_batch():
     engine = InferenceEngine(net, "slide", 64, 42, window_batch=64)
     net.calls.clear()
     engine(torch.randn(1, 3, 584, 565))  # 182 windows: 3 batches of 61, not 64 + 64 + 54
-    assert [c[0] for c in net.calls[1:]] == [61, 61, 60]
+    assert [c[0] for c in net.calls[1:]] == [61, 61, 61]  # the last one padded
 
 
 @pytest.mark.cuda

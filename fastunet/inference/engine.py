@@ -271,6 +271,7 @@ class InferenceEngine:
         self.fn = torch.compile(fn, dynamic=False) if compile else fn
         self._probes = {}   # (device, window, dtype) -> (classes, bytes per window, fixed bytes)
         self._graphs = {}   # (device, batch shape, dtype) -> _GraphedCall
+        self.last_schedule = None  # what the last call chose: window batch, bands, output device
 
     # ------------------------------------------------------------------ geometry
     def plan(self, height, width):
@@ -398,7 +399,10 @@ class InferenceEngine:
         logits = torch.empty((total, classes, th, tw), device=windows.device, dtype=torch.float32)
         for k in range(0, total, batch):
             chunk = windows[k:k + batch]
-            if chunk.shape[0] < batch and self.cuda_graphs and windows.is_cuda:
+            # Every forward gets the same batch shape (the last one padded, wasting fewer
+            # windows than there are batches): oneDNN and cuDNN then plan one shape, and a
+            # CUDA graph can replay it.
+            if chunk.shape[0] < batch:
                 pad = chunk.new_zeros((batch - chunk.shape[0],) + tuple(chunk.shape[1:]))
                 out = self._batch_call(torch.cat([chunk, pad]))[:chunk.shape[0]]
             else:
@@ -424,6 +428,8 @@ class InferenceEngine:
             x = _pad(images, plan)
             classes, per_window, fixed = self._probe(x, plan)
             batch, rows, out_dev = self._schedule(x, plan, n, classes, per_window, fixed)
+            self.last_schedule = {"window_batch": batch, "band_rows": rows,
+                                  "window_rows": plan.y.count, "output_device": str(out_dev)}
             weight = None
             if self.gaussian and plan.windows_per_image > 1:
                 weight = ops.gaussian_weight((plan.y.tile, plan.x.tile), device=x.device)

@@ -131,6 +131,7 @@ class Predictor:
         std = torch.tensor(data_cfg.get("std", STD), dtype=torch.float32, device=self.device)
         self._mean, self._inv_std = mean.view(1, 3, 1, 1), (1.0 / std).view(1, 3, 1, 1)
         self.mode = mode
+        engine_options.setdefault("size_divisor", getattr(model.backbone, "downsample_rate", 16))
         self.engine = InferenceEngine(model.encode_decode, mode, crop_size, stride,
                                       window_batch=window_batch, precision=precision,
                                       channels_last=channels_last, gaussian=gaussian, tta=tta,
