@@ -243,6 +243,8 @@ def test_window_function_errors_are_clear():
         InferenceEngine(TinyNet(), "overlap-tile", tile_size=60)
     with pytest.raises(ValueError, match="precision"):
         InferenceEngine(TinyNet(), "whole", precision="int8")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        InferenceEngine(TinyNet(), "whole", cuda_graphs="yes")
     with pytest.raises(ValueError, match="normalised float tensor"):
         InferenceEngine(TinyNet(), "whole")(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
 
@@ -253,6 +255,17 @@ def test_batch_sizing_balances_the_last_batch():
     net.calls.clear()
     engine(torch.randn(1, 3, 584, 565))  # 182 windows: 3 batches of 61, not 64 + 64 + 54
     assert [c[0] for c in net.calls[1:]] == [61, 61, 61]  # the last one padded
+
+
+def test_batch_pixels_are_capped(monkeypatch):
+    # large batches of large windows overflow int32 indexing in some PyTorch kernels
+    monkeypatch.setattr(eng, "MAX_BATCH_PIXELS", 3 * 64 * 64)
+    net = TinyNet()
+    engine = InferenceEngine(net, "slide", 64, 42, window_batch=100)
+    net.calls.clear()
+    engine(torch.randn(1, 3, 200, 200))
+    assert engine.last_schedule["window_batch"] == 3
+    assert {c[0] for c in net.calls[1:]} == {3}
 
 
 @pytest.mark.cuda
@@ -266,6 +279,10 @@ def test_cuda_matches_cpu_and_graphs_match_eager():
     graphed = InferenceEngine(gpu, "slide", 64, 42, cuda_graphs=True, window_batch=16)
     close(graphed(xc).cpu(), expected, rtol=1e-4)
     close(graphed(xc).cpu(), expected, rtol=1e-4)  # replayed
+    auto = InferenceEngine(gpu, "slide", 64, 42, window_batch=16)  # graphs on the 2nd image
+    for _ in range(3):
+        close(auto(xc).cpu(), expected, rtol=1e-4)
+    assert len(auto._graphs) == 1
     streamed = InferenceEngine(gpu, "slide", 64, 42, output_device="cpu", band_rows=2)(xc)
     assert streamed.device.type == "cpu"
     close(streamed, expected, rtol=1e-4)
