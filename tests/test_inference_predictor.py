@@ -119,3 +119,12 @@ def test_bad_arguments(checkpoint):
         Predictor(CONFIG, checkpoint[0], device="cpu", precision="fp8")
     with pytest.raises(ValueError, match="mode"):
         Predictor(CONFIG, checkpoint[0], device="cpu", mode="tiles")
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_agrees_with_cpu(checkpoint, image):
+    cpu = Predictor(CONFIG, checkpoint[0], device="cpu").predict(image)
+    gpu = Predictor(CONFIG, checkpoint[0], device="cuda", precision="bf16")
+    for _ in range(2):  # the second call replays a CUDA graph
+        labels = gpu.predict(image)
+        assert labels.shape == cpu.shape and (labels == cpu).mean() > 0.98
