@@ -336,3 +336,25 @@ def test_recipe_is_dropped_after_in_place_change():
     yp = pa(x.detach()).mul(2).requires_grad_()
     pb(yp).sum().backward()
     torch.testing.assert_close(b.conv.weight.grad, pb.conv.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(11)
+    fused, plain = pair(4, 6, 3, padding=1)
+    fused.to(device), plain.to(device)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 4, 9, 11, device=device)
+    xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, yp = compiled(xf), plain(xp)
+    torch.testing.assert_close(yf, yp, rtol=1e-5, atol=1e-5)
+    yf.square().sum().backward()
+    yp.square().sum().backward()
+    torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.conv.weight.grad, plain.conv.weight.grad, rtol=1e-4,
+                               atol=1e-4)
+    assert_same_state(fused, plain, rtol=1e-5, atol=1e-6)
+    fused.eval(), plain.eval()
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)

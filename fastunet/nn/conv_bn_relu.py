@@ -170,7 +170,7 @@ class ConvBNReLU(nn.Module):
             return False
         if x.dim() != 4 or x.numel() == 0 or self.conv.padding_mode != "zeros":
             return False
-        return not self.with_norm or isinstance(self.bn, nn.BatchNorm2d)
+        return not self.with_norm or isinstance(self.bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
 
     def forward(self, x):
         if not self.is_fused_for(x):

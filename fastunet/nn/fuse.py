@@ -27,6 +27,9 @@ from ..ops import conv_bn_relu as cbr
 from .conv_bn_relu import ConvBNReLU, fused_enabled, pack_for_onednn
 
 
+_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBN in eval mode is a plain BN
+
+
 class FoldedConv2d(nn.Module):
     """Conv2d with a BatchNorm (and optionally a ReLU) folded in; inference only."""
 
@@ -72,7 +75,7 @@ class FoldedConv2d(nn.Module):
 
 
 def _foldable(conv, bn, where):
-    if type(conv) is not nn.Conv2d or not isinstance(bn, nn.BatchNorm2d):
+    if type(conv) is not nn.Conv2d or not isinstance(bn, _BN):
         return False
     if bn.training or bn.running_mean is None:
         warnings.warn(f"fuse: {where} not folded: its BatchNorm is in training mode or keeps no "
@@ -131,7 +134,7 @@ def _fuse_sequential(seq):
     names = list(seq._modules)
     while i + 1 < len(names):
         conv, bn = seq._modules[names[i]], seq._modules[names[i + 1]]
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _foldable(
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, _BN) and _foldable(
                 conv, bn, f"Sequential item {names[i]}"):
             nxt = seq._modules[names[i + 2]] if i + 2 < len(names) else None
             fold_relu = isinstance(nxt, nn.ReLU)
