@@ -139,11 +139,11 @@ def test_gradcheck_batch_norm_relu(device):
 
 def test_gradcheck_conv_bn_relu_train(device):
     torch.manual_seed(5)
-    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=device, requires_grad=True)
-    cw = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
-    cb = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
-    w = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
-    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(2, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    cw = torch.randn(3, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    cb = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
     fn = lambda *a: ops.conv_bn_relu_train(*a, None, None, 1, 1, 1, 1)
     assert torch.autograd.gradcheck(fn, (x, cw, cb, w, b))
 
@@ -197,7 +197,7 @@ def test_conv_bias_relu_with_onednn_packed_weight():
     w, b = conv.weight.detach(), conv.bias.detach()
     for shape, mem in [((2, 16, 20, 24), "contiguous"), ((1, 16, 9, 7), "channels_last")]:
         x = layout(torch.randn(*shape), mem)
-        packed = pack_for_onednn(w, conv, torch.randn(4, 16, 64, 64))
+        packed = pack_for_onednn(w, conv, layout(torch.randn(4, 16, 64, 64), "channels_last"))
         if packed is None or not _native.LOADED:
             pytest.skip("no oneDNN weight packing here")
         y = ops.conv_bias_relu(x, packed, b, 1, 2, 2)

@@ -59,9 +59,15 @@ def pack_for_onednn(weight, conv, x):
     """oneDNN-packed copy of a folded conv weight for CPU inference, or None if not applicable.
 
     Packing once saves the weight reorder that oneDNN otherwise repeats on every call (most of
-    the time of a deep, small-spatial layer such as the 1024-channel stage at 4x4).
+    the time of a deep, small-spatial layer such as the 1024-channel stage at 4x4). A packed
+    weight makes oneDNN answer in channels_last, so for NCHW inputs (converted back) only large
+    weights are packed.
     """
-    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if x.device.type != "cpu" or not _native.LOADED or not torch.backends.mkldnn.is_available():
+        return None  # only the native CPU kernel takes packed weights
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    if not channels_last and weight.numel() < (1 << 20):
         return None
     if weight.dtype == torch.bfloat16:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
