@@ -54,6 +54,15 @@ from fastunet.ops import recompute  # noqa: E402
 
 needs_native = pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
 
+
+@pytest.fixture(autouse=True)
+def exact_fp32_on_cuda():
+    """fp32 comparisons on CUDA need real fp32 convolutions, not TF32 (the default for cuDNN)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 # (in, out, kernel, padding, dilation, stride): the model's conv geometries
 GEOMS = [(3, 8, 3, 1, 1, 1), (8, 8, 1, 0, 1, 1), (8, 4, 3, 12, 12, 1), (8, 4, 3, 24, 24, 1),
          (8, 4, 3, 36, 36, 1), (8, 6, 3, 1, 1, 2)]

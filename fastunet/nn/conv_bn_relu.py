@@ -67,7 +67,7 @@ def pack_for_onednn(weight, conv, x):
         return None  # only the native CPU kernel takes packed weights
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
         memory_format=torch.channels_last)
-    if not channels_last and weight.numel() < (1 << 20):
+    if not channels_last and weight.numel() < (1 << 22):
         return None
     if weight.dtype == torch.bfloat16:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
