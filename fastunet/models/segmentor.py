@@ -1,0 +1,153 @@
+"""EncoderDecoder: backbone -> decode head (+ auxiliary head for training), as mmseg's segmentor.
+
+``build_segmentor(cfg)`` takes a fastunet config (see :mod:`fastunet.models.configs`) or its
+``model`` part, in mmseg's layout, and returns a module whose ``state_dict()`` keys equal mmseg's
+``EncoderDecoder`` keys, so mmseg checkpoints load with ``strict=True``.
+"""
+import copy
+
+import torch.nn as nn
+
+from .heads import build_head, resize
+from .unet import UNet
+
+# mmseg model-dict keys that have no effect here (normalisation happens in the data pipeline)
+_IGNORED_MODEL_KEYS = ("data_preprocessor", "train_cfg", "init_cfg", "neck")
+
+
+def _add_prefix(losses, prefix):
+    return {f"{prefix}.{k}": v for k, v in losses.items()}
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(x) for x in v)
+
+
+class EncoderDecoder(nn.Module):
+    """UNet backbone, a decode head and optional auxiliary head(s); logits at input resolution."""
+
+    def __init__(self, backbone, decode_head, auxiliary_head=None, test_cfg=None):
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        if isinstance(auxiliary_head, (list, tuple)):
+            auxiliary_head = nn.ModuleList(auxiliary_head)
+        self.auxiliary_head = auxiliary_head
+        self.align_corners = decode_head.align_corners
+        self.num_classes = decode_head.num_classes
+        self.out_channels = decode_head.out_channels
+        self.test_cfg = dict(test_cfg or {"mode": "whole"})
+        mode = self.test_cfg.get("mode", "whole")
+        if mode not in ("slide", "whole"):
+            raise ValueError(f"test_cfg mode must be 'slide' or 'whole', got {mode!r}")
+        if mode == "slide" and not ("crop_size" in self.test_cfg and "stride" in self.test_cfg):
+            raise ValueError("test_cfg mode 'slide' needs crop_size and stride")
+
+    @property
+    def with_auxiliary_head(self):
+        """Whether an auxiliary head exists (it is used for training only)."""
+        return self.auxiliary_head is not None
+
+    def extract_feat(self, x):
+        """Backbone feature maps of normalised images (N, 3, h, w)."""
+        return self.backbone(x)
+
+    def encode_decode(self, x):
+        """Normalised images (N, 3, h, w) -> decode-head logits resized to (N, C, h, w)."""
+        seg_logits = self.decode_head(self.extract_feat(x))
+        return resize(seg_logits, x.shape[2:], align_corners=self.align_corners)
+
+    def forward(self, x):
+        """Same as :meth:`encode_decode`."""
+        return self.encode_decode(x)
+
+    def loss(self, x, seg_label):
+        """Weighted training losses: ``decode.loss_ce`` (+ ``decode.loss_dice``), ``aux.loss_ce``.
+
+        ``seg_label`` is int64 (N, H, W) (or (N, 1, H, W)), 255 = ignore; each head's logits are
+        resized bilinearly to the label size first. Sum the values to get the total loss.
+        """
+        if seg_label.dim() == 4:
+            seg_label = seg_label.squeeze(1)
+        if seg_label.dim() != 3 or seg_label.shape[0] != x.shape[0]:
+            raise ValueError(f"seg_label must be (N, H, W) with N={x.shape[0]}, got shape "
+                             f"{tuple(seg_label.shape)}")
+        seg_label = seg_label.long()
+        feats = self.extract_feat(x)
+        losses = _add_prefix(self.decode_head.loss(feats, seg_label), "decode")
+        if isinstance(self.auxiliary_head, nn.ModuleList):
+            for i, head in enumerate(self.auxiliary_head):
+                losses.update(_add_prefix(head.loss(feats, seg_label), f"aux_{i}"))
+        elif self.auxiliary_head is not None:
+            losses.update(_add_prefix(self.auxiliary_head.loss(feats, seg_label), "aux"))
+        return losses
+
+    def slide_inference(self, x, crop_size, stride):
+        """Average the logits of overlapping crop windows (mmseg's ``slide`` mode, SPEC §1).
+
+        A crop larger than the image shrinks to the image (no padding), as in mmseg.
+        """
+        h_crop, w_crop = _pair(crop_size)
+        h_stride, w_stride = _pair(stride)
+        batch, _, h_img, w_img = x.shape
+        h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+        w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+        preds = x.new_zeros((batch, self.out_channels, h_img, w_img))
+        count = x.new_zeros((1, 1, h_img, w_img))
+        for h_idx in range(h_grids):
+            for w_idx in range(w_grids):
+                y2 = min(h_idx * h_stride + h_crop, h_img)
+                x2 = min(w_idx * w_stride + w_crop, w_img)
+                y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+                preds[:, :, y1:y2, x1:x2] += self.encode_decode(x[:, :, y1:y2, x1:x2])
+                count[:, :, y1:y2, x1:x2] += 1
+        return preds / count
+
+    def whole_inference(self, x):
+        """Logits of the whole image in one forward pass."""
+        return self.encode_decode(x)
+
+    def inference(self, x):
+        """Logits (N, C, H, W) of normalised images, in the config's test mode (slide/whole)."""
+        if self.test_cfg.get("mode", "whole") == "slide":
+            return self.slide_inference(x, self.test_cfg["crop_size"], self.test_cfg["stride"])
+        return self.whole_inference(x)
+
+
+def _build_backbone(cfg):
+    cfg = dict(cfg)
+    kind = cfg.pop("type", "UNet")
+    if kind != "UNet":
+        raise ValueError(f"unsupported backbone type {kind!r}: fastunet implements 'UNet'")
+    return UNet(**cfg)
+
+
+def build_segmentor(cfg):
+    """Build an :class:`EncoderDecoder` from a full config (with ``model``) or its model part."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"build_segmentor expects a config dict, got {type(cfg).__name__} "
+                        f"(use fastunet.get_config(name) for a named config)")
+    cfg = copy.deepcopy(cfg.get("model", cfg))
+    kind = cfg.pop("type", "EncoderDecoder")
+    if kind != "EncoderDecoder":
+        raise ValueError(f"unsupported segmentor type {kind!r}: fastunet implements "
+                         f"'EncoderDecoder'")
+    if cfg.pop("pretrained", None) is not None:
+        raise ValueError("model.pretrained is not supported: build the model, then "
+                         "fastunet.load_checkpoint(model, path)")
+    if cfg.get("neck") is not None:
+        raise ValueError("necks are not supported: UNet feeds the heads directly")
+    for key in _IGNORED_MODEL_KEYS:
+        cfg.pop(key, None)
+    unknown = sorted(set(cfg) - {"backbone", "decode_head", "auxiliary_head", "test_cfg"})
+    if unknown:
+        raise ValueError(f"unknown model config keys {unknown}")
+    if "backbone" not in cfg or "decode_head" not in cfg:
+        raise ValueError("model config needs 'backbone' and 'decode_head'")
+    aux = cfg.get("auxiliary_head")
+    if isinstance(aux, (list, tuple)):
+        aux = [build_head(c) for c in aux]
+    elif aux is not None:
+        aux = build_head(aux)
+    return EncoderDecoder(_build_backbone(cfg["backbone"]), build_head(cfg["decode_head"]),
+                          aux, cfg.get("test_cfg"))
