@@ -3,8 +3,7 @@
     pytest benchmarks/bench_conv_bn_relu.py --benchmark-only            # CPU cases here
     pytest benchmarks/bench_conv_bn_relu.py --benchmark-only -m cuda    # the GPU cases
 
-The network is UNet-S5-D16 + FCN head (fastunet.models, 64x64 windows) when the models package
-is present, else a stand-in with the same convolutions (channel widths, resolutions, glue).
+The network is UNet-S5-D16 + FCN head (fcn_unet_s5-d16_64x64_40k_drive, 64x64 windows).
 - CPU inference: fused (``fastunet.fuse``) vs the unfused eager model vs the model's
   convolutions alone (each conv timed on inputs of its shape: the floor).
 - CUDA training step, AMP bf16, batch 4 and 16: peak activation memory (max_memory_allocated
@@ -21,51 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastunet
-from fastunet.nn import ConvBNReLU, MaxPool2d
-from fastunet.ops import recompute
+from fastunet.nn import ConvBNReLU
 
 HAS_CUDA = torch.cuda.is_available() and fastunet._native.has_cuda_kernels()
 
 
-class StandInUNet(nn.Module):
-    """UNet-S5-D16 + FCN head wiring with ConvBNReLU blocks (used until fastunet.models)."""
-
-    def __init__(self, base=64, stages=5, classes=2):
-        super().__init__()
-        block = lambda i, o: nn.Sequential(ConvBNReLU(i, o, 3, padding=1),
-                                           ConvBNReLU(o, o, 3, padding=1))
-        ch = [base * 2 ** i for i in range(stages)]
-        self.encoder = nn.ModuleList(
-            [block(3, ch[0])] + [nn.Sequential(MaxPool2d(2), block(ch[i - 1], ch[i]))
-                                 for i in range(1, stages)])
-        self.up = nn.ModuleList([ConvBNReLU(ch[i + 1], ch[i], 1) for i in range(stages - 1)])
-        self.dec = nn.ModuleList([block(2 * ch[i], ch[i]) for i in range(stages - 1)])
-        self.head = ConvBNReLU(ch[0], 64, 3, padding=1)
-        self.dropout = nn.Dropout2d(0.1)
-        self.conv_seg = nn.Conv2d(64, classes, 1)
-
-    def forward(self, x):
-        skips = []
-        for enc in self.encoder:
-            x = enc(x)
-            skips.append(x)
-        for i in reversed(range(len(self.dec))):
-            up = self.up[i](recompute.interpolate(x, scale_factor=2, mode="bilinear",
-                                                  align_corners=False))
-            x = self.dec[i](recompute.cat([skips[i], up], dim=1))
-        return self.conv_seg(self.dropout(self.head(x)))
-
-    def loss(self, x, label):
-        return {"loss_ce": F.cross_entropy(self(x), label)}
-
-
 def build_model():
-    """(model, name): the real segmentor when fastunet.models exists, else the stand-in."""
-    try:
-        cfg = fastunet.get_config("fcn_unet_s5-d16_64x64_40k_drive")
-        return fastunet.build_segmentor(cfg), "fcn_unet_s5-d16"
-    except (ImportError, AttributeError, ModuleNotFoundError):
-        return StandInUNet(), "stand-in UNet-S5-D16 + FCN"
+    """(model, name): UNet-S5-D16 + FCN head of the DRIVE config (64x64 windows)."""
+    name = "fcn_unet_s5-d16_64x64_40k_drive"
+    return fastunet.build_segmentor(fastunet.get_config(name)), name
 
 
 def set_fused(model, fused):
@@ -129,16 +92,16 @@ def test_cpu_inference_unet(benchmark, layout):
     unfused = set_fused(copy.deepcopy(model), False).eval()
     fused = fastunet.fuse(model)
     with torch.no_grad():
-        expected, got = unfused(x), fused(x)
+        expected, got = unfused.encode_decode(x), fused.encode_decode(x)
     rel = ((got - expected).abs().max() / expected.abs().max()).item()
 
     def run():
         with torch.no_grad():
-            fused(x)
+            fused.encode_decode(x)
 
     def run_unfused():
         with torch.no_grad():
-            unfused(x)
+            unfused.encode_decode(x)
 
     fns = {"fused": run, "unfused": run_unfused, "conv_only": conv_only(unfused, x)}
     for fn in fns.values():
