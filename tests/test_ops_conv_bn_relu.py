@@ -88,6 +88,27 @@ def test_batch_norm_relu_forward_backward(device, shape, mem, relu, affine):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("shape, mem", [((8, 4, 64, 64), "contiguous"),
+                                        ((8, 40, 32, 32), "channels_last"),
+                                        ((3, 2, 257, 131), "contiguous")],
+                         ids=["nchw-many-splits", "nhwc-many-splits", "nchw-split-mid-plane"])
+def test_large_reductions_split_across_blocks(device, shape, mem):
+    """Enough values per channel that the CUDA reductions use many blocks per channel."""
+    torch.manual_seed(12)
+    x = layout(torch.randn(*shape, dtype=torch.float64, device=device) * 2 + 3, mem)
+    x.requires_grad_()
+    w = (torch.rand(shape[1], dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=torch.float64, device=device, requires_grad=True)
+    y = ops.batch_norm_relu(x, w, b)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    expected = torch_bn_relu(xr, wr, br)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(y, (x, w, b), g),
+                         torch.autograd.grad(expected, (xr, wr, br), g)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("mem", ["contiguous", "channels_last"])
 def test_backward_pieces_match_reference(device, mem):
     torch.manual_seed(2)
