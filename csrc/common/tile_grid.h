@@ -14,64 +14,47 @@
 
 namespace fastunet {
 
-// All of it is templated on the index type: the CUDA kernels use 32-bit indices when every
-// offset fits (64-bit integer division costs several times more on a GPU).
-template <typename index_t>
-C10_HOST_DEVICE inline index_t tile_count(index_t size, index_t tile, index_t stride) {
+C10_HOST_DEVICE inline int64_t tile_count(int64_t size, int64_t tile, int64_t stride) {
   return (size - tile + stride - 1) / stride + 1;
 }
 
-template <typename index_t>
-C10_HOST_DEVICE inline index_t tile_start(index_t index, index_t size, index_t tile,
-                                          index_t stride) {
-  const index_t start = index * stride;
+C10_HOST_DEVICE inline int64_t tile_start(int64_t index, int64_t size, int64_t tile,
+                                          int64_t stride) {
+  const int64_t start = index * stride;
   return start + tile > size ? size - tile : start;
 }
 
 // Windows covering coordinate p: [*first, *last]; *last < *first when none does.
-template <typename index_t>
-C10_HOST_DEVICE inline void tile_cover(index_t p, index_t size, index_t tile, index_t stride,
-                                       index_t count, index_t* first, index_t* last) {
+C10_HOST_DEVICE inline void tile_cover(int64_t p, int64_t size, int64_t tile, int64_t stride,
+                                       int64_t count, int64_t* first, int64_t* last) {
   // last window starting at or before p
-  const index_t final_start = size - tile;
-  index_t hi = p >= final_start ? count - 1 : p / stride;
+  const int64_t final_start = size - tile;
+  int64_t hi = p >= final_start ? count - 1 : p / stride;
   if (hi > count - 1) hi = count - 1;
   // first window ending after p: start > p - tile
-  const index_t lowest = p - tile + 1;
-  index_t lo = lowest <= 0 ? 0 : (lowest + stride - 1) / stride;
+  const int64_t lowest = p - tile + 1;
+  int64_t lo = lowest <= 0 ? 0 : (lowest + stride - 1) / stride;
   if (lo > count - 1) lo = count - 1;  // the border window, start size - tile > p - tile
   *first = lo;
   *last = hi;
 }
 
 // Shapes of one aggregation / extraction problem, validated on the host.
-template <typename index_t>
-struct TileGridT {
-  index_t batch, channels, height, width;  // full images
-  index_t tile_h, tile_w;                   // window extent (<= image extent)
-  index_t stride_h, stride_w;
-  index_t grid_h, grid_w;                   // windows per column / row
+struct TileGrid {
+  int64_t batch, channels, height, width;  // full images
+  int64_t tile_h, tile_w;                   // window extent (<= image extent)
+  int64_t stride_h, stride_w;
+  int64_t grid_h, grid_w;                   // windows per column / row
 
-  C10_HOST_DEVICE index_t num_tiles() const { return batch * grid_h * grid_w; }
-  C10_HOST_DEVICE index_t start_y(index_t i) const {
-    return tile_start(i, height, tile_h, stride_h);
-  }
-  C10_HOST_DEVICE index_t start_x(index_t j) const { return tile_start(j, width, tile_w, stride_w); }
-  C10_HOST_DEVICE void cover_y(index_t y, index_t* a, index_t* b) const {
+  C10_HOST_DEVICE int64_t num_tiles() const { return batch * grid_h * grid_w; }
+  C10_HOST_DEVICE int64_t start_y(int64_t i) const { return tile_start(i, height, tile_h, stride_h); }
+  C10_HOST_DEVICE int64_t start_x(int64_t j) const { return tile_start(j, width, tile_w, stride_w); }
+  C10_HOST_DEVICE void cover_y(int64_t y, int64_t* a, int64_t* b) const {
     tile_cover(y, height, tile_h, stride_h, grid_h, a, b);
   }
-  C10_HOST_DEVICE void cover_x(index_t x, index_t* a, index_t* b) const {
+  C10_HOST_DEVICE void cover_x(int64_t x, int64_t* a, int64_t* b) const {
     tile_cover(x, width, tile_w, stride_w, grid_w, a, b);
   }
-
-  template <typename other_t>
-  TileGridT<other_t> cast() const {
-    return {other_t(batch), other_t(channels), other_t(height), other_t(width), other_t(tile_h),
-            other_t(tile_w), other_t(stride_h), other_t(stride_w), other_t(grid_h),
-            other_t(grid_w)};
-  }
 };
-
-using TileGrid = TileGridT<int64_t>;
 
 }  // namespace fastunet

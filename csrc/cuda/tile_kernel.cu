@@ -12,8 +12,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
-
 #include "common/tile_args.h"
 
 namespace fastunet {
@@ -27,35 +25,23 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(b < 65535 * 32 ? b : 65535 * 32);
 }
 
-template <typename T>
-struct IndexTag {
-  using index_type = T;
-};
-
-// 32-bit indexing when every element offset of both tensors fits.
-inline bool fits_int32(const at::Tensor& a, const at::Tensor& b) {
-  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  return a.numel() < kMax && b.numel() < kMax;
-}
-
 inline dim3 grid_2d(int64_t width, int64_t rows) {
   return dim3(static_cast<unsigned>((width + kThreads - 1) / kThreads),
               static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
 }
 
 // Weighted sum of the windows covering (y, x) in channel c of image n, and the summed weights.
-template <typename scalar_t, typename acc_t, typename index_t>
-__device__ __forceinline__ void gather(const TileGridT<index_t>& g,
-                                       const scalar_t* __restrict__ tiles,
-                                       const acc_t* __restrict__ weight, index_t n, index_t c,
-                                       index_t y, index_t x, index_t i0, index_t i1, index_t j0,
-                                       index_t j1, acc_t* sum_out, acc_t* norm_out) {
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void gather(const TileGrid& g, const scalar_t* __restrict__ tiles,
+                                       const acc_t* __restrict__ weight, int64_t n, int64_t c,
+                                       int64_t y, int64_t x, int64_t i0, int64_t i1, int64_t j0,
+                                       int64_t j1, acc_t* sum_out, acc_t* norm_out) {
   acc_t sum = 0, norm = 0;
-  for (index_t i = i0; i <= i1; ++i) {
-    const index_t ty = y - g.start_y(i);
-    for (index_t j = j0; j <= j1; ++j) {
-      const index_t tx = x - g.start_x(j);
-      const index_t t = (n * g.grid_h + i) * g.grid_w + j;
+  for (int64_t i = i0; i <= i1; ++i) {
+    const int64_t ty = y - g.start_y(i);
+    for (int64_t j = j0; j <= j1; ++j) {
+      const int64_t tx = x - g.start_x(j);
+      const int64_t t = (n * g.grid_h + i) * g.grid_w + j;
       const acc_t v = static_cast<acc_t>(tiles[((t * g.channels + c) * g.tile_h + ty) * g.tile_w + tx]);
       if (weight) {
         const acc_t w = weight[ty * g.tile_w + tx];
@@ -78,54 +64,51 @@ __device__ __forceinline__ acc_t finish(acc_t sum, acc_t norm, bool normalize) {
 }
 
 // One thread per (column x, grid row (n, c, y)).
-template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void tile_aggregate_forward_kernel_impl(TileGridT<index_t> g,
-                                                   const scalar_t* __restrict__ tiles,
+template <typename scalar_t, typename acc_t>
+__global__ void tile_aggregate_forward_kernel_impl(TileGrid g, const scalar_t* __restrict__ tiles,
                                                    const acc_t* __restrict__ weight,
                                                    bool normalize, scalar_t* __restrict__ out) {
-  const index_t x = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t x = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (x >= g.width) return;
-  index_t j0, j1;
+  int64_t j0, j1;
   g.cover_x(x, &j0, &j1);
-  const index_t rows = g.batch * g.channels * g.height;
-  for (index_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const index_t y = row % g.height;
-    const index_t c = (row / g.height) % g.channels;
-    const index_t n = row / (g.height * g.channels);
-    index_t i0, i1;
+  const int64_t rows = g.batch * g.channels * g.height;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t y = row % g.height;
+    const int64_t c = (row / g.height) % g.channels;
+    const int64_t n = row / (g.height * g.channels);
+    int64_t i0, i1;
     g.cover_y(y, &i0, &i1);
     acc_t sum, norm;
     gather(g, tiles, weight, n, c, y, x, i0, i1, j0, j1, &sum, &norm);
-    out[static_cast<int64_t>(row) * g.width + x] =
-        static_cast<scalar_t>(finish(sum, norm, normalize));
+    out[row * g.width + x] = static_cast<scalar_t>(finish(sum, norm, normalize));
   }
 }
 
 // One thread per (column x, grid row (n, y)), looping over the classes: softmax (two passes,
 // online max/sum in the first) or argmax (one pass) of the averaged values.
-template <typename scalar_t, typename acc_t, bool kArgmax, typename index_t>
-__global__ void tile_aggregate_epilogue_kernel_impl(TileGridT<index_t> g,
-                                                    const scalar_t* __restrict__ tiles,
+template <typename scalar_t, typename acc_t, bool kArgmax>
+__global__ void tile_aggregate_epilogue_kernel_impl(TileGrid g, const scalar_t* __restrict__ tiles,
                                                     const acc_t* __restrict__ weight,
                                                     bool normalize, scalar_t* __restrict__ probs,
                                                     uint8_t* __restrict__ labels) {
-  const index_t x = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t x = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (x >= g.width) return;
-  index_t j0, j1;
+  int64_t j0, j1;
   g.cover_x(x, &j0, &j1);
-  const index_t rows = g.batch * g.height;
-  const index_t plane = g.height * g.width;
-  for (index_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const index_t y = row % g.height;
-    const index_t n = row / g.height;
-    index_t i0, i1;
+  const int64_t rows = g.batch * g.height;
+  const int64_t plane = g.height * g.width;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t y = row % g.height;
+    const int64_t n = row / g.height;
+    int64_t i0, i1;
     g.cover_y(y, &i0, &i1);
     acc_t sum, norm;
-    gather(g, tiles, weight, n, index_t(0), y, x, i0, i1, j0, j1, &sum, &norm);
+    gather(g, tiles, weight, n, 0, y, x, i0, i1, j0, j1, &sum, &norm);
     acc_t best = finish(sum, norm, normalize);
     if (kArgmax) {
       int label = 0;
-      for (index_t c = 1; c < g.channels; ++c) {
+      for (int64_t c = 1; c < g.channels; ++c) {
         gather(g, tiles, weight, n, c, y, x, i0, i1, j0, j1, &sum, &norm);
         const acc_t v = finish(sum, norm, normalize);
         if (v > best || (isnan(v) && !isnan(best))) {  // torch.argmax: NaN is the largest
@@ -136,7 +119,7 @@ __global__ void tile_aggregate_epilogue_kernel_impl(TileGridT<index_t> g,
       labels[n * plane + y * g.width + x] = static_cast<uint8_t>(label);
     } else {
       acc_t total = 1;  // sum of exp(v - best) over the classes seen so far
-      for (index_t c = 1; c < g.channels; ++c) {
+      for (int64_t c = 1; c < g.channels; ++c) {
         gather(g, tiles, weight, n, c, y, x, i0, i1, j0, j1, &sum, &norm);
         const acc_t v = finish(sum, norm, normalize);
         if (v > best) {
@@ -147,7 +130,7 @@ __global__ void tile_aggregate_epilogue_kernel_impl(TileGridT<index_t> g,
         }
       }
       scalar_t* dst = probs + n * g.channels * plane + y * g.width + x;
-      for (index_t c = 0; c < g.channels; ++c) {
+      for (int64_t c = 0; c < g.channels; ++c) {
         gather(g, tiles, weight, n, c, y, x, i0, i1, j0, j1, &sum, &norm);
         dst[c * plane] = static_cast<scalar_t>(exp(finish(sum, norm, normalize) - best) / total);
       }
@@ -212,23 +195,14 @@ at::Tensor tile_aggregate_cuda(const at::Tensor& tiles_in, int64_t batch, int64_
                                   "tile_aggregate_cuda", [&] {
     using acc_t = tile_acc_t<scalar_t>;
     const acc_t* w = weight ? weight->data_ptr<acc_t>() : nullptr;
-    auto launch = [&](auto grid) {
-      using index_t = typename decltype(grid)::index_type;
-      const TileGridT<index_t> gi = g.cast<index_t>();
-      if (softmax) {
-        tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, false, index_t>
-            <<<grid_2d(width, batch * height), kThreads, 0, stream>>>(
-                gi, tiles.data_ptr<scalar_t>(), w, normalize, out.data_ptr<scalar_t>(), nullptr);
-      } else {
-        tile_aggregate_forward_kernel_impl<scalar_t, acc_t, index_t>
-            <<<grid_2d(width, batch * g.channels * height), kThreads, 0, stream>>>(
-                gi, tiles.data_ptr<scalar_t>(), w, normalize, out.data_ptr<scalar_t>());
-      }
-    };
-    if (fits_int32(tiles, out)) {
-      launch(IndexTag<int32_t>{});
+    if (softmax) {
+      tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, false>
+          <<<grid_2d(width, batch * height), kThreads, 0, stream>>>(
+              g, tiles.data_ptr<scalar_t>(), w, normalize, out.data_ptr<scalar_t>(), nullptr);
     } else {
-      launch(IndexTag<int64_t>{});
+      tile_aggregate_forward_kernel_impl<scalar_t, acc_t>
+          <<<grid_2d(width, batch * g.channels * height), kThreads, 0, stream>>>(
+              g, tiles.data_ptr<scalar_t>(), w, normalize, out.data_ptr<scalar_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -251,19 +225,10 @@ at::Tensor tile_aggregate_argmax_cuda(const at::Tensor& tiles_in, int64_t batch,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
                                   "tile_aggregate_argmax_cuda", [&] {
     using acc_t = tile_acc_t<scalar_t>;
-    const acc_t* w = weight ? weight->data_ptr<acc_t>() : nullptr;
-    auto launch = [&](auto grid) {
-      using index_t = typename decltype(grid)::index_type;
-      tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, true, index_t>
-          <<<grid_2d(width, batch * height), kThreads, 0, stream>>>(
-              g.cast<index_t>(), tiles.data_ptr<scalar_t>(), w, true, nullptr,
-              out.data_ptr<uint8_t>());
-    };
-    if (fits_int32(tiles, out)) {
-      launch(IndexTag<int32_t>{});
-    } else {
-      launch(IndexTag<int64_t>{});
-    }
+    tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, true>
+        <<<grid_2d(width, batch * height), kThreads, 0, stream>>>(
+            g, tiles.data_ptr<scalar_t>(), weight ? weight->data_ptr<acc_t>() : nullptr, true,
+            nullptr, out.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
