@@ -20,6 +20,12 @@ size is not a multiple of 16; ``whole`` on any size not a multiple of 16) are ze
 bottom/right to the next multiple of 16 and the result cropped back; mmseg raises an error in
 exactly these cases, so everywhere mmseg runs, ``slide`` matches it.
 
+The first call for a window shape runs fn on one and two probe windows (classes, output shape
+and, on CUDA, activation memory per window, for which it resets the device's peak-memory
+statistics); later calls reuse that. Inference runs under ``torch.no_grad()``; call it with the
+model in eval mode, as mmseg does (windows share batches here, so BN in training mode would not
+behave as in one-window forwards).
+
 When the window logits of a whole image do not fit in free memory, window rows are processed in
 bands whose sums are accumulated in an output on the CPU (or on the device if it fits there),
 then divided by the coverage: same result up to float rounding, bounded device memory.
