@@ -65,8 +65,13 @@ def _open(data, name):
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # force the decode: truncated data fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError, zlib.error) as e:
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{name}: not an image file (or a format Pillow cannot read)"
+                             ) from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{name}: cannot decode image ({e}); if you trust the file, raise "
+                             f"PIL.Image.MAX_IMAGE_PIXELS") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         raise ImageReadError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     if img.width == 0 or img.height == 0:
         raise ImageReadError(f"{name}: image has zero size ({img.width}x{img.height})")

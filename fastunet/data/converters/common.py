@@ -39,6 +39,8 @@ class Archive:
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
         self._lock = threading.Lock()
+        if os.path.isdir(self.path):
+            raise ConvertError(f"{self.path}: is a folder; pass the archive files themselves")
         if not os.path.isfile(self.path):
             raise ConvertError(f"{self.path}: no such file")
         if os.path.getsize(self.path) == 0:
