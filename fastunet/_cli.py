@@ -15,6 +15,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def one_line(exc):
     """The first line of an exception's message (its type name when it has none)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename and str(exc).startswith("[Errno"):
+        return f"{exc.filename}: {exc.strerror}"
     text = str(exc).strip()
     if isinstance(exc, KeyError) and len(exc.args) == 1 and text.startswith(("'", '"')):
         text = str(exc.args[0])  # KeyError quotes its message

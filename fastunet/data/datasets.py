@@ -70,6 +70,14 @@ class VesselDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"{name}: {len(missing)} of {len(self.names)} images have no label "
                 f"{self.ann_dir}/<name>{self.seg_suffix} (e.g. {missing[0]}{self.seg_suffix})")
+        known = set(self.names)
+        orphans = sorted(f for f in os.listdir(self.ann_dir) if f.endswith(self.seg_suffix)
+                         and f[:-len(self.seg_suffix)] not in known)
+        if orphans:  # labels whose image is gone: the two lists no longer describe one set
+            raise ValueError(
+                f"{name}: {len(orphans)} label(s) in {self.ann_dir} have no image "
+                f"{self.img_dir}/<name>{self.img_suffix} (e.g. {orphans[0]}); restore the "
+                f"images or remove the labels")
         self.use_fov = use_fov and os.path.isdir(self.fov_dir)
 
     def __len__(self):

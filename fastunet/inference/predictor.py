@@ -120,8 +120,9 @@ class Predictor:
         test_cfg = dict(model_cfg.get("test_cfg") or {})
         mode = mode or test_cfg.get("mode", "slide")
         if mode == "slide":
-            crop_size = crop_size or test_cfg.get("crop_size")
-            stride = stride or test_cfg.get("stride")
+            # `is None`, not `or`: an explicit 0 is an error to report, not "use the config's"
+            crop_size = test_cfg.get("crop_size") if crop_size is None else crop_size
+            stride = test_cfg.get("stride") if stride is None else stride
             if crop_size is None or stride is None:
                 raise ValueError("mode 'slide' needs crop_size and stride (the config's test_cfg "
                                  "has none): pass crop_size=..., stride=...")

@@ -56,8 +56,8 @@ class Archive:
                 self._tar_members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
                 self.members = list(self._tar_members)
             else:
-                raise ConvertError(f"{self.path}: not a zip or tar archive "
-                                   "(corrupt or wrong file?)")
+                raise ConvertError(f"{self.path}: not a zip or tar archive (truncated, "
+                                   "corrupt or the wrong file?); download it again")
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
             raise ConvertError(f"{self.path}: cannot read archive ({e}); "
                                "download it again") from None
