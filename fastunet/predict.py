@@ -8,7 +8,8 @@
 For each image NAME.EXT it writes NAME_mask.png (vessels 255, background 0), NAME_overlay.png
 (the vessels tinted green over the image) and, with --save-probs, NAME_prob.png (vessel
 probability x 255). Folders are searched recursively and their layout is kept under --out-dir.
-Files are written atomically (no partial PNG after a crash). A file that cannot be read or
+Files are written atomically (no partial PNG after a crash; temporary files a killed run left
+are deleted by the next run into the same --out-dir). A file that cannot be read or
 segmented is reported in one line and skipped; the others are still processed, and the exit
 status is 1 if any was skipped (2 for bad arguments).
 """
@@ -91,7 +92,8 @@ def build_parser():
                "Exit status: 0 all images written; 1 some images were skipped (each reported\n"
                "on stderr in one line); 2 bad arguments, config or checkpoint; 130 interrupted.\n"
                "Each PNG appears only once complete (written to a hidden .NAME.*.tmp file, then\n"
-               "renamed), so an interrupted run never leaves a partial output.",
+               "renamed), so an interrupted run never leaves a partial output; the next run\n"
+               "into the same --out-dir deletes temporary files that a killed run left.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS",
                    help="image files and/or folders (searched recursively for "
@@ -157,7 +159,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    from .data.io import decode_image, write_png
+    from .data.io import decode_image, remove_stale_temp_files, write_png
     from .inference.predictor import Predictor, prefetch_files
 
     restore = apply_deterministic_flag(args)
@@ -174,6 +176,8 @@ def main(argv=None):
             return 2
         try:
             os.makedirs(args.out_dir, exist_ok=True)
+            # hidden .NAME.<pid>.<hex>.tmp files of an earlier run that was killed mid-write
+            remove_stale_temp_files(args.out_dir)
         except OSError as exc:
             print(f"{prog}: error: cannot create --out-dir {args.out_dir}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
