@@ -19,6 +19,37 @@ TORCH_LIBRARY(fastunet, m) {
   // defaults it cuts the windows out of the images.
   m.def("tile_extract(Tensor image, int tile_h, int tile_w, int stride_h, int stride_w, "
         "Tensor? weight=None, bool normalize=False) -> Tensor");
+
+  // Fused Conv-BN-ReLU (csrc/common/bn_relu.h has the math). Inference: BN folded into the
+  // conv's weight and bias by the caller, then one convolution with a fused bias + ReLU epilogue
+  // (oneDNN post-op on CPU, cuDNN conv-bias-activation on CUDA), in the input's memory format.
+  m.def("conv_bias_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool relu=True) -> Tensor");
+  m.def("conv_bias_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Training BatchNorm(+ReLU) with batch statistics, in the pieces SyncBN needs between
+  // reductions. Statistics and sums are float (double for double inputs); inputs may be NCHW or
+  // channels_last, and outputs keep the input's layout.
+  // bn_stats: per-channel mean and biased variance (Welford).
+  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // bn_relu: y = relu((x - mean) / sqrt(var + eps) * weight + bias).
+  m.def("bn_relu(Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
+        "float eps, bool relu=True) -> Tensor");
+  // The backward of bn_relu with batch statistics, recomputing the ReLU mask from `input` (the
+  // BN input) instead of reading the output: per-channel sums first (all-reduced under SyncBN;
+  // they are also the weight and bias gradients), then the input gradient. `count` is the
+  // number of values per channel the statistics were taken over (all ranks together).
+  m.def("bn_relu_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+        "Tensor? weight, Tensor? bias, float eps, bool relu=True) -> (Tensor sum_dy, "
+        "Tensor sum_dy_xhat)");
+  m.def("bn_relu_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor var, "
+        "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, SymInt count, "
+        "float eps, bool relu=True) -> Tensor");
+  // nn.BatchNorm2d's running-statistics update, in place: r = (1 - momentum) * r + momentum * s,
+  // with the unbiased variance (var * count / (count - 1)) for running_var.
+  m.def("bn_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+        "Tensor var, float momentum, SymInt count) -> ()");
 }
 
 namespace {

@@ -2,15 +2,17 @@
 
 Submodule names and registration order follow mmseg exactly, so ``state_dict()`` keys come out in
 the same order and an mmseg checkpoint loads with ``strict=True``. Every conv->BN->ReLU is a
-:class:`fastunet.nn.ConvBNReLU`, so fused kernels can replace it without touching this file.
+:class:`fastunet.nn.ConvBNReLU`, so fused kernels can replace it without touching this file. The
+glue between blocks (max-pool, upsample, skip concatenation) is the recipe-aware kind from
+``fastunet.ops.recompute``: the same numbers, and in fused training it stores no activation that
+a block's saved conv output can rebuild.
 """
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
-from ..nn import ConvBNReLU
+from ..nn import ConvBNReLU, MaxPool2d
 from ..nn.conv_bn_relu import _norm_layer
+from ..ops import recompute
 
 
 def _run(module, x, with_cp):
@@ -55,7 +57,9 @@ class Upsample(nn.Module):
     def forward(self, x):
         # an explicit output size, as mmseg computes it, keeps the resampling grid identical
         size = self.size or [int(t * self.scale_factor) for t in x.shape[-2:]]
-        return F.interpolate(x, size, None, self.mode, self.align_corners)
+        # recompute.interpolate is F.interpolate; in fused training it lets the next conv keep a
+        # recipe instead of this output (fastunet.ops.recompute)
+        return recompute.interpolate(x, size, None, self.mode, self.align_corners)
 
 
 class InterpConv(nn.Module):
@@ -139,7 +143,7 @@ class UpConvBlock(nn.Module):
 
     def forward(self, skip, x):
         x = self.upsample(x)
-        return self.conv_block(torch.cat([skip, x], dim=1))
+        return self.conv_block(recompute.cat([skip, x], dim=1))  # torch.cat, recipe-aware
 
 
 def _check_len(name, value, expected):
@@ -188,7 +192,8 @@ class UNet(nn.Module):
             enc_conv_block = []
             if i != 0:
                 if strides[i] == 1 and downsamples[i - 1]:
-                    enc_conv_block.append(nn.MaxPool2d(kernel_size=2))
+                    # nn.MaxPool2d that saves nothing when fed a fused block's output
+                    enc_conv_block.append(MaxPool2d(kernel_size=2))
                 upsample = strides[i] != 1 or downsamples[i - 1]
                 self.decoder.append(UpConvBlock(
                     conv_block=BasicConvBlock, in_channels=base_channels * 2**i,

@@ -1,4 +1,6 @@
-"""Building blocks: drop-in modules for the reference toolbox's conv blocks."""
-from .conv_bn_relu import ConvBNReLU
+"""Building blocks: drop-in modules for the reference toolbox's conv blocks, and fuse()."""
+from .conv_bn_relu import ConvBNReLU, fused_enabled
+from .fuse import FoldedConv2d, fuse
+from .recompute import MaxPool2d
 
-__all__ = ["ConvBNReLU"]
+__all__ = ["ConvBNReLU", "FoldedConv2d", "MaxPool2d", "fuse", "fused_enabled"]

@@ -1,9 +1,29 @@
-"""ConvBNReLU: conv -> BatchNorm -> ReLU with the state_dict of mmcv's ConvModule.
+"""ConvBNReLU: conv -> BatchNorm -> ReLU with the state_dict of mmcv's ConvModule, fused.
 
 Submodules are registered as ConvModule does (``conv``, ``bn``, ``activate``), so checkpoint keys
 are ``conv.weight`` and ``bn.{weight,bias,running_mean,running_var,num_batches_tracked}``.
+
+Fused paths (the default; ``fused=False`` or the environment variable ``FASTUNET_FUSED=0``
+select the plain modules):
+- eval: BN folded into the conv weight and bias once, cached on the module until a weight or a
+  BN statistic changes (version counters, storage and identity of the tensors are compared on
+  every call; ``.to()``/``.cuda()``/``train()`` clear the cache), then conv + bias + ReLU in one
+  native call;
+- training: ``fastunet.ops.conv_bn_relu_train`` (one saved activation per block, fused BN+ReLU
+  kernels, nn.BatchNorm2d's running-statistics update, SyncBN across ranks).
 """
+import os
+
+import torch
 import torch.nn as nn
+
+from .. import _native
+from ..ops import conv_bn_relu as cbr
+
+
+def fused_enabled():
+    """False when the environment sets FASTUNET_FUSED=0: then every block runs unfused."""
+    return os.environ.get("FASTUNET_FUSED", "1").strip() != "0"
 
 
 def _norm_layer(norm_cfg, channels):
@@ -19,17 +39,62 @@ def _norm_layer(norm_cfg, channels):
     return layer
 
 
+def _sync_group(bn):
+    """SyncBN's process group when it must synchronise (as nn.SyncBatchNorm decides), else None."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def pack_for_onednn(weight, conv, x):
+    """oneDNN-packed copy of a folded conv weight for CPU inference, or None if not applicable.
+
+    Packing once saves the weight reorder that oneDNN otherwise repeats on every call (most of
+    the time of a deep, small-spatial layer such as the 1024-channel stage at 4x4). A packed
+    weight makes oneDNN answer in channels_last, so for NCHW inputs (converted back) only large
+    weights are packed.
+    """
+    if x.device.type != "cpu" or not _native.LOADED or not torch.backends.mkldnn.is_available():
+        return None  # only the native CPU kernel takes packed weights
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    if not channels_last and weight.numel() < (1 << 22):
+        return None
+    if weight.dtype == torch.bfloat16:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+    elif weight.dtype != torch.float32:
+        return None
+    try:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, list(x.shape))
+    except RuntimeError:  # an oneDNN build without this layout: the dense weight works too
+        return None
+
+
 class ConvBNReLU(nn.Module):
     """Drop-in for ``mmcv.cnn.ConvModule(..., norm_cfg=dict(type='BN'), act_cfg=dict(type='ReLU'))``.
 
     ``norm_cfg=None`` or ``act_cfg=None`` drop the BN or the ReLU; ``bias='auto'`` means a conv
     bias only without BN, as in mmcv. Initialisation follows ConvModule: Kaiming normal
-    (fan_out, relu) conv weights, zero bias, BN weight 1 and bias 0.
+    (fan_out, relu) conv weights, zero bias, BN weight 1 and bias 0. ``fused``: None (default)
+    or True use the fused kernels unless FASTUNET_FUSED=0; False always runs the plain modules.
+    Without the native library the plain modules run.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias="auto", conv_cfg=None, norm_cfg=dict(type="BN"),
-                 act_cfg=dict(type="ReLU"), inplace=True):
+                 act_cfg=dict(type="ReLU"), inplace=True, fused=None):
         super().__init__()
         if conv_cfg is not None and conv_cfg.get("type", "Conv2d") not in ("Conv", "Conv2d"):
             raise ValueError(f"unsupported conv_cfg {conv_cfg!r}: only plain Conv2d")
@@ -37,6 +102,8 @@ class ConvBNReLU(nn.Module):
             raise ValueError(f"unsupported act_cfg {act_cfg!r}: only ReLU")
         self.with_norm = norm_cfg is not None
         self.with_activation = act_cfg is not None
+        self.fused = fused
+        self._fold_cache = None
         if bias == "auto":
             bias = not self.with_norm
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
@@ -59,10 +126,121 @@ class ConvBNReLU(nn.Module):
             nn.init.ones_(self.bn.weight)
             nn.init.zeros_(self.bn.bias)
 
+    def extra_repr(self):
+        return "" if self.fused is None else f"fused={self.fused}"
+
+    # -- cache of the folded weights ---------------------------------------------------------
+
+    def clear_fold_cache(self):
+        """Drop the folded weights; needed only after in-place edits through ``tensor.data``,
+        which version counters cannot see."""
+        self._fold_cache = None
+
+    def __getstate__(self):  # copies and pickles leave the cache (and oneDNN tensors) behind
+        state = self.__dict__.copy()
+        state["_fold_cache"] = None
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode=True):
+        self._fold_cache = None
+        return super().train(mode)
+
+    def _fold_sources(self):
+        bn = self.bn
+        return (self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.weight,
+                bn.bias)
+
+    def _folded(self, x, dtype):
+        """(weight, bias, packed weight or None) with BN folded in, for inputs like x."""
+        srcs = self._fold_sources()
+        key = (dtype, x.device, float(self.bn.eps),
+               tuple(None if t is None else (t._version, t.data_ptr()) for t in srcs))
+        cache = self._fold_cache
+        if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], srcs)):
+            return cache[2]
+        with torch.no_grad():
+            w, b = cbr.fold_bn(*srcs, self.bn.eps, dtype=dtype)
+            folded = (w, b, pack_for_onednn(w, self.conv, x))
+        self._fold_cache = (key, srcs, folded)
+        return folded
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def is_fused_for(self, x):
+        """Whether forward(x) takes a fused path."""
+        if self.fused is False or not fused_enabled() or not _native.use_native(x):
+            return False
+        if x.dim() != 4 or x.numel() == 0 or self.conv.padding_mode != "zeros":
+            return False
+        return not self.with_norm or isinstance(self.bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
+
     def forward(self, x):
+        if not self.is_fused_for(x):
+            return self._forward_unfused(x)
+        if not self.with_norm:
+            return self._forward_conv_relu(x)
+        if self.bn.training or self.bn.running_mean is None:
+            return self._forward_train(x)
+        return self._forward_eval(x)
+
+    def _forward_unfused(self, x):
         x = self.conv(x)
         if self.with_norm:
             x = self.bn(x)
         if self.with_activation:
             x = self.activate(x)
         return x
+
+    def _conv_args(self):
+        c = self.conv
+        return c.stride, c.padding, c.dilation, c.groups
+
+    def _forward_conv_relu(self, x):
+        if not self.with_activation:
+            return self.conv(x)
+        dt = cbr.compute_dtype(x)
+        c = self.conv
+        bias = None if c.bias is None else c.bias.to(dt)
+        return cbr.conv_bias_relu(x.to(dt), c.weight.to(dt), bias, *self._conv_args(), relu=True)
+
+    def _forward_eval(self, x):
+        conv, bn = self.conv, self.bn
+        dt = cbr.compute_dtype(x)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in self._fold_sources()))
+        if grad or torch.compiler.is_compiling():
+            # differentiable fold (e.g. norm_eval fine-tuning): recomputed on every call
+            w, b = cbr.fold_bn(*self._fold_sources(), bn.eps, dtype=dt)
+            packed = None
+        else:
+            w, b, packed = self._folded(x, dt)
+        return cbr.conv_bias_relu(x.to(dt), w if packed is None else packed, b,
+                                  *self._conv_args(), relu=self.with_activation)
+
+    def _forward_train(self, x):
+        conv, bn = self.conv, self.bn
+        # momentum and num_batches_tracked exactly as nn.BatchNorm2d.forward
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        update = bn.training and bn.track_running_stats
+        rm, rv = (bn.running_mean, bn.running_var) if update else (None, None)
+        kh, kw = conv.kernel_size
+        (sh, sw), (ph, pw), (dh, dw), groups = self._conv_args()
+        per_channel = (x.shape[0] * _out_size(x.shape[2], kh, sh, ph, dh)
+                       * _out_size(x.shape[3], kw, sw, pw, dw))
+        if per_channel == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {[x.shape[0], conv.out_channels, 1, 1]}")
+        group = _sync_group(bn)
+        if torch.compiler.is_compiling():
+            return cbr.batch_norm_relu(conv(x), bn.weight, bn.bias, rm, rv, factor, bn.eps,
+                                       self.with_activation, group)
+        return cbr.conv_bn_relu_train(x, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv,
+                                      (sh, sw), (ph, pw), (dh, dw), groups, factor, bn.eps,
+                                      self.with_activation, group)
