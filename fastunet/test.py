@@ -93,8 +93,7 @@ def run_test(args):
     except (ValueError, RuntimeError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
     model.to(dist_info.device).eval()
-    if dist_info.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and GPU (cuDNN)
     mode = args.mode or model.test_cfg.get("mode", "whole")
     if dist_info.is_main:
         it = meta.get("iteration", meta.get("iter"))

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from trainkit import ROOT, assert_same_state, cli_env, intervals, run_cli, tiny_model, \
@@ -13,23 +14,25 @@ from trainkit import ROOT, assert_same_state, cli_env, intervals, run_cli, tiny_
 MAX_ITERS = 40
 
 
-def _args(work):
+def _args(work, fused="auto"):
     # dropout is on (heads), so the random states matter; checkpoints every 4 iterations,
     # evaluation only at the end
     return ["--max-iters", str(MAX_ITERS), "--batch-size", "2", "--log-interval", "1",
-            "--workers", "0", "--seed", "3", "--work-dir", str(work), "--cfg-options",
+            "--workers", "0", "--seed", "3", "--fused", fused, "--work-dir", str(work),
+            "--cfg-options",
             *tiny_model(4), *tiny_synthetic(num_train=3, num_val=1), *intervals(4),
             f"train.eval_interval={MAX_ITERS}"]
 
 
-def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("fused", ["off", "on"])  # plain modules (CPU default), fused kernels
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, fused):
     cache = tmp_path / "cache"
-    whole = run_cli("fastunet.train", _args(tmp_path / "whole"), cache)
+    whole = run_cli("fastunet.train", _args(tmp_path / "whole", fused), cache)
     assert whole.returncode == 0, whole.stderr
 
     # the same run, killed for real (no chance to clean up) after its iteration 10
     work = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "fastunet.train", *_args(work)],
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "fastunet.train", *_args(work, fused)],
                             cwd=ROOT, env=cli_env(cache), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
@@ -44,7 +47,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     killed_at = torch.load(work / "latest.pth", weights_only=False)["meta"]["iteration"]
     assert 8 <= killed_at < MAX_ITERS  # it died mid-run, after the checkpoint of iteration 8
 
-    resumed = run_cli("fastunet.train", [*_args(work), "--resume"], cache)
+    resumed = run_cli("fastunet.train", [*_args(work, fused), "--resume"], cache)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {work / 'latest.pth'} at iteration {killed_at}" in resumed.stdout
 

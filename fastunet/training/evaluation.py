@@ -81,13 +81,15 @@ def evaluate(model, dataset, device, mode=None, use_fov=False, rank=0, world_siz
     metric = SegMetric(num_classes=model.num_classes,
                        class_names=getattr(dataset, "CLASSES", None)
                        if len(getattr(dataset, "CLASSES", ())) == model.num_classes else None)
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    channels_last = weight is not None and not weight.is_contiguous() and weight.is_contiguous(
+        memory_format=torch.channels_last)
     t0 = time.perf_counter()
     mine = list(range(rank, len(dataset), world_size))
     for done, i in enumerate(mine, 1):
         item = dataset[i]
         x = normalize(item["img"])[None].to(device)
-        if device.type == "cuda" and next(model.parameters()).is_contiguous(
-                memory_format=torch.channels_last):
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pred = predict_logits(model, x, mode).argmax(1)[0].cpu().numpy().astype(np.uint8)
         fov = item.get("fov") if use_fov else None
