@@ -208,8 +208,20 @@ def _restore(path, model, optimizer, scaler, dist_info, cfg, log):
 def train(args):
     """Run training as ``args`` (from :func:`build_parser`) say; returns a :class:`TrainResult`.
 
-    From Python: ``train(build_parser().parse_args(["--config", "synthetic"]))``.
+    From Python: ``train(build_parser().parse_args(["--config", "synthetic"]))``. Process-wide
+    switches (``--deterministic``, cuDNN autotuning) are restored on return.
     """
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    restore = []
+    try:
+        return _train(args, restore)
+    finally:
+        for undo in restore:
+            undo()
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _train(args, restore):
     from .data import build_dataset  # noqa: F401  (import errors surface before any work)
     from .models import build_segmentor, load_checkpoint
     from .training import data as tdata, determinism, distributed, state
@@ -226,7 +238,7 @@ def train(args):
     batch = total_batch // dist_info.world_size
     amp_dtype = _resolve_amp(args.amp, device)
     if args.deterministic:
-        determinism.enable(device)
+        restore.append(determinism.enable(device))
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotuning pays off
     resume_path = None

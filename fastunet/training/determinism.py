@@ -22,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["enable", "interp_matrix", "adaptive_pool_matrix", "upsample_bilinear2d_backward",
+__all__ = ["enable", "register_cuda_kernels", "unregister_cuda_kernels", "interp_matrix", "adaptive_pool_matrix", "upsample_bilinear2d_backward",
            "adaptive_avg_pool2d_backward"]
 
 _LIBRARY = None  # the torch.library registration (kept alive for the process)
@@ -119,11 +119,33 @@ def register_cuda_kernels():
     _LIBRARY = lib
 
 
+def unregister_cuda_kernels():
+    """Give the two backward ops their ATen kernels back."""
+    global _LIBRARY
+    if _LIBRARY is not None:
+        _LIBRARY._destroy()
+        _LIBRARY = None
+
+
 def enable(device):
-    """Make training on ``device`` repeatable run to run (see the module docstring)."""
+    """Make training on ``device`` repeatable run to run (see the module docstring).
+
+    Returns a function that restores the previous settings (these switches are process-wide).
+    """
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    if torch.device(device).type == "cuda":
+    registered = torch.device(device).type == "cuda" and _LIBRARY is None
+    if registered:
         register_cuda_kernels()
+
+    def restore():
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        if registered:
+            unregister_cuda_kernels()
+    return restore
