@@ -89,6 +89,18 @@ def test_ops_match_reference(device, grid, weighted, normalize, mem):
     torch.testing.assert_close(out, ref.tile_aggregate(tiles, 2, H, W, sh, sw, w, normalize))
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=IDS)
+def test_float32_average_is_bitwise_the_spec_loop(device, grid):
+    # float32 windows are summed in float32 in the reference's order, then divided by the
+    # count: the very numbers mmseg's loop produces, not merely close ones
+    H, W, th, tw, sh, sw = grid
+    torch.manual_seed(7)
+    img = torch.randn(1, 2, H, W)
+    tiles = ref.tile_extract(img, th, tw, sh, sw) * 3 + 1
+    expected = ref.tile_aggregate(tiles, 1, H, W, sh, sw)
+    assert torch.equal(ops.tile_aggregate(tiles.to(device), 1, H, W, (sh, sw)).cpu(), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_error_within_twice_reference(device, dtype):
     # flash-attention's rule: our error vs fp64 at most 2x PyTorch's same-precision error (+eps).
@@ -160,7 +172,119 @@ def test_opcheck(device, grid, weighted):
                           (img, th, tw, sh, sw, w, weighted))
     tiles = ops.tile_extract(img.detach(), (th, tw), (sh, sw)).requires_grad_()
     torch.library.opcheck(torch.ops.fastunet.tile_aggregate.default,
-                          (tiles, 1, H, W, sh, sw, w, True))
+                          (tiles, 1, H, W, sh, sw, w, True, False))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=IDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "gaussian"])
+@pytest.mark.parametrize("epilogue", ["softmax", "argmax"])
+def test_epilogues_match_reference(device, grid, weighted, epilogue):
+    H, W, th, tw, sh, sw = grid
+    torch.manual_seed(4)
+    w = gaussian(th, tw).to(device) if weighted else None
+    n = ref.window_count(H, th, sh) * ref.window_count(W, tw, sw)
+    tiles = layout(torch.randn(2 * n, 3, th, tw, dtype=torch.float64, device=device), "permuted")
+    got = ops.tile_aggregate(tiles, 2, H, W, (sh, sw), weight=w, epilogue=epilogue)
+    expected = ref.tile_aggregate(tiles, 2, H, W, sh, sw, w, True, epilogue)
+    if epilogue == "argmax":
+        assert got.dtype == torch.uint8 and got.shape == (2, H, W)
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected)
+
+
+def test_epilogues_follow_spec_loop():
+    # softmax / argmax of the SPEC §1 average; uncovered pixels: uniform probabilities, label 0
+    H, W, th, tw, sh, sw = 100, 90, 30, 20, 40, 25
+    torch.manual_seed(5)
+    img = torch.randn(1, 3, H, W, dtype=torch.float64)
+    avg, count = spec_loop(lambda y1, x1, y2, x2: img[:, :, y1:y2, x1:x2], 1, 3, H, W, th, tw,
+                           sh, sw)
+    tiles = ops.tile_extract(img, (th, tw), (sh, sw))
+    covered = count > 0
+    probs = ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue="softmax")
+    labels = ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue="argmax")
+    torch.testing.assert_close(probs[..., covered], avg.softmax(1)[..., covered])
+    assert torch.equal(labels[0][covered], avg.argmax(1)[0][covered].to(torch.uint8))
+    assert (probs[..., ~covered] == 1 / 3).all() and (labels[0][~covered] == 0).all()
+
+
+def test_argmax_ties_and_nan_like_torch(device):
+    # equal classes -> first index; NaN counts as the largest (torch.argmax)
+    tiles = torch.zeros(1, 3, 4, 4, device=device)
+    tiles[0, 1, 0, 0] = float("nan")
+    tiles[0, 2, 1, 1] = 1.0
+    tiles[0, 1, 2, 2] = 1.0
+    tiles[0, 2, 2, 2] = 1.0
+    labels = ops.tile_aggregate(tiles, 1, 4, 4, 4, epilogue="argmax")
+    assert torch.equal(labels[0].long(), tiles[0].argmax(0))
+    assert labels[0, 0, 0] == 1 and labels[0, 1, 1] == 2 and labels[0, 2, 2] == 1
+    assert labels[0, 3, 3] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_argmax_of_low_precision_tiles(device, dtype):
+    # the average is taken in float32, then compared: same labels as the float32 reference
+    H, W, th, tw, sh, sw = 97, 131, 64, 64, 42, 42
+    torch.manual_seed(6)
+    tiles = torch.randn(6, 2, th, tw, device=device).to(dtype)
+    got = ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue="argmax")
+    expected = ref.tile_aggregate(tiles.float(), 1, H, W, sh, sw, None, True, "argmax")
+    assert torch.equal(got, expected)
+
+
+def test_gaussian_weight():
+    w = ops.gaussian_weight((64, 48))
+    assert w.shape == (64, 48) and w.dtype == torch.float32
+    torch.testing.assert_close(w, w.flip(0))  # centred
+    torch.testing.assert_close(w, w.flip(1))
+    torch.testing.assert_close(w, gaussian(64, 48).float())  # sigma = size / 8
+    odd = ops.gaussian_weight(33, dtype=torch.float64)
+    assert odd[16, 16] == 1.0 and odd.max() == 1.0
+    # one sigma (33/8 pixels) from the centre along an axis: exp(-1/2)
+    r = torch.arange(33, dtype=torch.float64) - 16
+    torch.testing.assert_close(odd[16], torch.exp(-0.5 * (r / (33 / 8)) ** 2))
+    assert (w > 0).all()
+    with pytest.raises(ValueError, match="positive"):
+        ops.gaussian_weight(0)
+
+
+def test_bad_epilogue_and_too_many_classes():
+    tiles = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="epilogue"):
+        ops.tile_aggregate(tiles, 1, 8, 8, 8, epilogue="max")
+    if _native.LOADED:
+        with pytest.raises(RuntimeError, match="256"):
+            ops.tile_aggregate(torch.randn(1, 257, 4, 4), 1, 4, 4, 4, epilogue="argmax")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_softmax_epilogue_gradcheck(device, weighted):
+    H, W, th, tw, sh, sw = 11, 13, 6, 5, 4, 3
+    w = gaussian(th, tw).to(device) if weighted else None
+    tiles = torch.randn(2 * 3 * 4, 3, th, tw, dtype=torch.float64, device=device,
+                        requires_grad=True)
+    f = lambda t: ops.tile_aggregate(t, 2, H, W, (sh, sw), weight=w, epilogue="softmax")
+    assert torch.autograd.gradcheck(f, (tiles,))
+    assert torch.autograd.gradgradcheck(f, (tiles,))
+
+
+def test_argmax_output_does_not_require_grad(device):
+    tiles = torch.randn(4, 2, 8, 8, device=device, requires_grad=True)
+    labels = ops.tile_aggregate(tiles, 1, 12, 12, 4, epilogue="argmax")
+    assert labels.dtype == torch.uint8 and not labels.requires_grad
+
+
+@pytest.mark.skipif(not _native.LOADED, reason="opcheck needs the native ops")
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_epilogues(device, weighted):
+    H, W, th, tw, sh, sw = GRIDS[0]
+    w = gaussian(th, tw, torch.float32).to(device) if weighted else None
+    tiles = torch.randn(6, 2, th, tw, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastunet.tile_aggregate.default,
+                          (tiles, 1, H, W, sh, sw, w, True, True))
+    torch.library.opcheck(torch.ops.fastunet.tile_aggregate_argmax.default,
+                          (tiles.detach(), 1, H, W, sh, sw, w))
 
 
 @pytest.mark.parametrize("call, message", [
@@ -184,7 +308,11 @@ def test_bad_arguments_raise(call, message):
 def test_torch_compile_fullgraph(device):
     def f(x):
         t = ops.tile_extract(x, (16, 16), (10, 10))
-        return ops.tile_aggregate(t * 2 + 1, x.shape[0], x.shape[2], x.shape[3], (10, 10))
+        n, _, h, w = x.shape
+        avg = ops.tile_aggregate(t * 2 + 1, n, h, w, (10, 10))
+        probs = ops.tile_aggregate(t, n, h, w, (10, 10), epilogue="softmax")
+        labels = ops.tile_aggregate(t, n, h, w, (10, 10), epilogue="argmax")
+        return avg, probs, labels
 
     x = torch.randn(2, 3, 37, 41, device=device)
     compiled = torch.compile(f, fullgraph=True)

@@ -2,7 +2,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
+
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/tile_grid.h"
@@ -19,14 +20,21 @@ inline void check_tile_weight(const c10::optional<at::Tensor>& weight, const at:
               weight->sizes());
 }
 
-// Weights in the accumulation type (float for half/bfloat16/float, double for double).
+// Accumulation type of the tile kernels on both backends: float for float/half/bfloat16 (the
+// reference sums float32 logits in float32, in the same order, so float results are bitwise
+// the reference's; note at::acc_type would be double on the CPU), double for double.
+template <typename scalar_t>
+using tile_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline at::ScalarType tile_acc_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Weights in the accumulation type.
 inline c10::optional<at::Tensor> prepare_tile_weight(const c10::optional<at::Tensor>& weight,
                                                      at::ScalarType dtype) {
   if (!weight.has_value()) return c10::nullopt;
-  const bool on_cuda = weight->is_cuda();
-  return weight->to(at::toAccumulateType(dtype, on_cuda ? c10::DeviceType::CUDA
-                                                        : c10::DeviceType::CPU))
-      .contiguous();
+  return weight->to(tile_acc_dtype(dtype)).contiguous();
 }
 
 inline void check_stride(int64_t stride_h, int64_t stride_w) {
@@ -64,6 +72,12 @@ inline TileGrid aggregate_grid(const at::Tensor& tiles, int64_t batch, int64_t h
               stride_w, ", got ", tiles.size(0));
   check_tile_weight(weight, tiles, g.tile_h, g.tile_w);
   return g;
+}
+
+// The argmax epilogue writes class indices as uint8.
+inline void check_argmax_channels(const TileGrid& g) {
+  TORCH_CHECK(g.channels >= 1 && g.channels <= 256, "tile_aggregate_argmax needs 1 to 256 "
+              "channels (classes) to write uint8 labels, got ", g.channels);
 }
 
 // images (batch, C, height, width) -> tiles (batch * grid_h * grid_w, C, tile_h, tile_w)

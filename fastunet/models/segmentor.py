@@ -82,8 +82,10 @@ class EncoderDecoder(nn.Module):
             losses.update(_add_prefix(self.auxiliary_head.loss(feats, seg_label), "aux"))
         return losses
 
-    def slide_inference(self, x, crop_size, stride):
-        """Average the logits of overlapping crop windows (mmseg's ``slide`` mode, SPEC §1).
+    def slide_inference_reference(self, x, crop_size, stride):
+        """Average the logits of overlapping crop windows (mmseg's ``slide`` mode, SPEC §1),
+        written as mmseg's loop: one window per forward. The reference the engine is tested
+        and benchmarked against.
 
         A crop larger than the image shrinks to the image (no padding), as in mmseg.
         """
@@ -103,15 +105,39 @@ class EncoderDecoder(nn.Module):
                 count[:, :, y1:y2, x1:x2] += 1
         return preds / count
 
-    def whole_inference(self, x):
-        """Logits of the whole image in one forward pass."""
-        return self.encode_decode(x)
+    def _engine(self, mode, crop_size=None, stride=None, **options):
+        """The inference engine for these settings, kept so that its probe runs once."""
+        from ..inference.engine import InferenceEngine
 
-    def inference(self, x):
-        """Logits (N, C, H, W) of normalised images, in the config's test mode (slide/whole)."""
+        options.setdefault("size_divisor", getattr(self.backbone, "downsample_rate", 16))
+        crop = None if crop_size is None else _pair(crop_size)
+        step = None if stride is None else _pair(stride)
+        key = (mode, crop, step, tuple(sorted(options.items())))
+        engines = self.__dict__.setdefault("_inference_engines", {})
+        if key not in engines:
+            engines[key] = InferenceEngine(self.encode_decode, mode, crop, step, **options)
+        return engines[key]
+
+    def slide_inference(self, x, crop_size, stride, **options):
+        """``slide`` mode through :class:`fastunet.inference.InferenceEngine`: windows in
+        batches, one fused aggregation; equal to :meth:`slide_inference_reference` up to float
+        rounding (see the engine for ``options`` and for images smaller than the crop)."""
+        return self._engine("slide", crop_size, stride, **options)(x)
+
+    def whole_inference(self, x, **options):
+        """Logits of the whole image in one forward pass (zero-padded to the backbone's
+        downsample rate and cropped back when needed)."""
+        return self._engine("whole", **options)(x)
+
+    def inference(self, x, **options):
+        """Logits (N, C, H, W) of normalised images, in the config's test mode (slide/whole),
+        computed by the inference engine (no autograd; call in eval mode, as mmseg does).
+        ``options`` go to :class:`fastunet.inference.InferenceEngine` (window_batch,
+        precision, tta, output_device, ...)."""
         if self.test_cfg.get("mode", "whole") == "slide":
-            return self.slide_inference(x, self.test_cfg["crop_size"], self.test_cfg["stride"])
-        return self.whole_inference(x)
+            return self.slide_inference(x, self.test_cfg["crop_size"], self.test_cfg["stride"],
+                                        **options)
+        return self.whole_inference(x, **options)
 
 
 def _build_backbone(cfg):

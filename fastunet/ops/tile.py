@@ -15,20 +15,32 @@ def _pair(v):
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def tile_aggregate(tiles, batch, height, width, stride, weight=None, normalize=True):
-    """Average (or sum) window outputs into full images.
+EPILOGUES = ("none", "softmax", "argmax")
+
+
+def tile_aggregate(tiles, batch, height, width, stride, weight=None, normalize=True,
+                   epilogue="none"):
+    """Average (or sum) window outputs into full images, optionally fusing softmax or argmax.
 
     tiles: (batch * grid_h * grid_w, C, th, tw), windows in row-major grid order per image, the
     window no larger than the image; stride: int or (sh, sw); weight: optional (th, tw) per-pixel
-    window weights (e.g. Gaussian importance); normalize: divide by the summed weights (the
-    window count when unweighted). Returns (batch, C, height, width); uncovered pixels are 0.
+    window weights (e.g. ``gaussian_weight``); normalize: divide by the summed weights (the
+    window count when unweighted). epilogue: "none" -> (batch, C, height, width) in the tiles'
+    dtype; "softmax" -> class probabilities of that, same shape (differentiable); "argmax" ->
+    uint8 (batch, height, width) labels of the average (normalize ignored; first class on ties).
+    Uncovered pixels are 0 (softmax 1/C, argmax 0).
     """
     sh, sw = _pair(stride)
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if _native.use_native(tiles):
+        if epilogue == "argmax":
+            return torch.ops.fastunet.tile_aggregate_argmax(tiles, batch, height, width, sh, sw,
+                                                            weight)
         return torch.ops.fastunet.tile_aggregate(tiles, batch, height, width, sh, sw, weight,
-                                                 normalize)
+                                                 normalize, epilogue == "softmax")
     ref.check_grid(height, width, tiles.shape[-2], tiles.shape[-1], sh, sw)
-    return ref.tile_aggregate(tiles, batch, height, width, sh, sw, weight, normalize)
+    return ref.tile_aggregate(tiles, batch, height, width, sh, sw, weight, normalize, epilogue)
 
 
 def tile_extract(image, tile_size, stride, weight=None, normalize=False):
@@ -46,9 +58,7 @@ def tile_extract(image, tile_size, stride, weight=None, normalize=False):
 
 if _native.LOADED:
 
-    @torch.library.register_fake("fastunet::tile_aggregate")
-    def _tile_aggregate_fake(tiles, batch, height, width, stride_h, stride_w, weight=None,
-                             normalize=True):
+    def _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w):
         torch._check(tiles.dim() == 4, lambda: f"tiles must be 4-D, got {tiles.shape}")
         torch._check(tiles.shape[2] <= height and tiles.shape[3] <= width,
                      lambda: "window must fit in the image")
@@ -56,7 +66,18 @@ if _native.LOADED:
         gw = ref.window_count(width, tiles.shape[3], stride_w)
         torch._check(tiles.shape[0] == batch * gh * gw,
                      lambda: f"expected {batch * gh * gw} windows, got {tiles.shape[0]}")
+
+    @torch.library.register_fake("fastunet::tile_aggregate")
+    def _tile_aggregate_fake(tiles, batch, height, width, stride_h, stride_w, weight=None,
+                             normalize=True, softmax=False):
+        _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w)
         return tiles.new_empty((batch, tiles.shape[1], height, width))
+
+    @torch.library.register_fake("fastunet::tile_aggregate_argmax")
+    def _tile_aggregate_argmax_fake(tiles, batch, height, width, stride_h, stride_w, weight=None):
+        _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w)
+        torch._check(1 <= tiles.shape[1] <= 256, lambda: "argmax needs 1 to 256 channels")
+        return tiles.new_empty((batch, height, width), dtype=torch.uint8)
 
     @torch.library.register_fake("fastunet::tile_extract")
     def _tile_extract_fake(image, tile_h, tile_w, stride_h, stride_w, weight=None,
@@ -68,15 +89,17 @@ if _native.LOADED:
         return image.new_empty((count, c, tile_h, tile_w))
 
     def _aggregate_setup(ctx, inputs, output):
-        tiles, _, _, _, sh, sw, weight, normalize = inputs
-        ctx.args = (tiles.shape[2], tiles.shape[3], sh, sw, normalize)
-        ctx.save_for_backward(weight)
+        tiles, _, _, _, sh, sw, weight, normalize, softmax = inputs
+        ctx.args = (tiles.shape[2], tiles.shape[3], sh, sw, normalize, softmax)
+        ctx.save_for_backward(weight, output if softmax else None)
 
     def _aggregate_backward(ctx, grad):
-        th, tw, sh, sw, normalize = ctx.args
-        (weight,) = ctx.saved_tensors
+        th, tw, sh, sw, normalize, softmax = ctx.args
+        weight, probs = ctx.saved_tensors
+        if softmax:  # d softmax: p * (g - <g, p>) over the classes
+            grad = probs * (grad - (grad * probs).sum(dim=1, keepdim=True))
         grad_tiles = torch.ops.fastunet.tile_extract(grad, th, tw, sh, sw, weight, normalize)
-        return grad_tiles, None, None, None, None, None, None, None
+        return grad_tiles, None, None, None, None, None, None, None, None
 
     def _extract_setup(ctx, inputs, output):
         image, _, _, sh, sw, weight, normalize = inputs

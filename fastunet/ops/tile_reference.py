@@ -28,8 +28,13 @@ def _normaliser(height, width, tile_h, tile_w, stride_h, stride_w, weight, devic
     return norm
 
 
-def tile_aggregate(tiles, batch, height, width, stride_h, stride_w, weight=None, normalize=True):
-    """(batch*gh*gw, C, th, tw) windows -> (batch, C, height, width) weighted average (or sum)."""
+def tile_aggregate(tiles, batch, height, width, stride_h, stride_w, weight=None, normalize=True,
+                   epilogue="none"):
+    """(batch*gh*gw, C, th, tw) windows -> (batch, C, height, width) weighted average (or sum).
+
+    epilogue "softmax" returns the softmax over C of that; "argmax" the uint8 (batch, height,
+    width) class index of the average (normalize is ignored: argmax always averages).
+    """
     _, channels, tile_h, tile_w = tiles.shape
     acc = _acc(tiles)
     ys, xs = window_starts(height, tile_h, stride_h), window_starts(width, tile_w, stride_w)
@@ -42,10 +47,16 @@ def tile_aggregate(tiles, batch, height, width, stride_h, stride_w, weight=None,
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
             out[:, :, y:y + tile_h, x:x + tile_w] += grid[:, i, j]
-    if normalize:
+    if normalize or epilogue == "argmax":
         norm = _normaliser(height, width, tile_h, tile_w, stride_h, stride_w, weight, out.device,
                            out.dtype)
         out = torch.where(norm > 0, out / norm.clamp_min(torch.finfo(out.dtype).tiny), 0.0)
+    if epilogue == "argmax":
+        return out.argmax(1).to(torch.uint8)
+    if epilogue == "softmax":
+        out = torch.softmax(out, dim=1)
+    elif epilogue != "none":
+        raise ValueError(f"epilogue must be 'none', 'softmax' or 'argmax', got {epilogue!r}")
     return out.to(tiles.dtype)
 
 
@@ -63,6 +74,25 @@ def tile_extract(image, tile_h, tile_w, stride_h, stride_w, weight=None, normali
     if weight is not None:
         out = out * weight.to(acc.dtype)
     return out.to(image.dtype)
+
+
+def gaussian_weight(tile_size, sigma_scale=1.0 / 8, dtype=torch.float32, device=None):
+    """Gaussian importance map (th, tw) for weighted aggregation: separable, centred, sigma =
+    sigma_scale * window extent (1/8 as nnU-Net and MONAI use), peak 1.
+
+    Weighting the windows so that their centres count more than their borders removes most of
+    the seams between windows (border pixels see less context).
+    """
+    th, tw = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+    if th < 1 or tw < 1 or sigma_scale <= 0:
+        raise ValueError(f"gaussian_weight needs a positive window size and sigma_scale, got "
+                         f"{tile_size!r} and {sigma_scale!r}")
+
+    def axis(n):
+        r = torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2
+        return torch.exp(-0.5 * (r / (sigma_scale * n)) ** 2)
+
+    return (axis(th)[:, None] * axis(tw)[None, :]).to(dtype)
 
 
 def check_grid(height, width, tile_h, tile_w, stride_h, stride_w):

@@ -1,0 +1,214 @@
+"""Predictor: RGB images in, vessel masks (and probabilities) out, from a config and checkpoint.
+
+    predictor = fastunet.Predictor("fcn_unet_s5-d16_64x64_40k_drive", "drive.pth")
+    labels = predictor.predict(rgb)                      # HxW uint8 class indices
+    labels, prob = predictor.predict(rgb, return_probs=True)   # + HxW float32 P(vessel)
+    for labels in predictor.predict_many(["a.png", "b.tif"]): ...
+"""
+import os
+import queue
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+from .engine import MODES, PRECISIONS, InferenceEngine
+
+# SPEC §1 normalisation, used when a config does not carry its own
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+def _default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def as_rgb_uint8(image, name="image"):
+    """An image array -> HxWx3 uint8 RGB, converting like ``fastunet.data.io.read_image``:
+    grayscale (HxW or HxWx1) expanded, alpha dropped (warns unless opaque), 16-bit scaled by
+    ``v * 255 / 65535`` (warns), float in [0, 1] scaled by 255 (warns)."""
+    from ..data.io import ImageConversionWarning
+
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"{name}: expected an HxW, HxWx3 or HxWx4 image array, got shape "
+                         f"{a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name}: the image is empty (shape {a.shape})")
+
+    def warn(what):
+        warnings.warn(f"{name}: {what}", ImageConversionWarning, stacklevel=3)
+
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        warn("16-bit image scaled to 8 bits")
+        a = np.rint(a.astype(np.float64) * (255 / 65535)).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 255:
+            raise ValueError(f"{name}: float image with values outside [0, 255]; convert it "
+                             f"to uint8 first")
+        if a.max() <= 1:
+            warn("float image in [0, 1] scaled to 8 bits")
+            a = a * 255
+        a = np.rint(a).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f"{name}: {a.dtype} image with values outside 0..255; convert it "
+                             f"to uint8 first")
+        a = a.astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    elif a.shape[2] == 4:
+        if a[..., 3].min() < 255:
+            warn("RGBA image: alpha channel dropped (image not fully opaque)")
+        a = a[..., :3]
+    return np.ascontiguousarray(a)
+
+
+class Predictor:
+    """Segments RGB images with a fastunet (or mmseg) checkpoint.
+
+    config: a config name (``fastunet.list_configs()``) or dict; checkpoint: a .pth path (None
+    keeps the initial weights, for testing). device: default CUDA if available, else CPU.
+    precision: "fp32", "fp16" or "bf16". mode: "slide" (default: the config's test_cfg),
+    "overlap-tile" or "whole" (see fastunet.inference.engine). crop_size / stride override the
+    config's slide window. window_batch: windows per forward (default: from free memory).
+    tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting. fuse: fold BN into
+    the convolutions (eval only; outputs change by float rounding). channels_last: default on
+    (faster convolutions on CPU and with fp16/bf16 on GPU). Other keyword arguments go to
+    ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device, ...).
+    """
+
+    def __init__(self, config, checkpoint=None, device=None, precision="fp32", mode=None, *,
+                 crop_size=None, stride=None, window_batch=None, tta=None, gaussian=False,
+                 fuse=True, channels_last=True, **engine_options):
+        import fastunet
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.config = fastunet.get_config(config) if isinstance(config, str) else config
+        if not isinstance(self.config, dict):
+            raise TypeError(f"config must be a config name or dict, got {type(config).__name__}")
+        self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device} requested but CUDA is not available; use "
+                             f"device='cpu'")
+        model = fastunet.build_segmentor(self.config)
+        if checkpoint is not None:
+            if not os.path.isfile(checkpoint):
+                raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+            fastunet.load_checkpoint(model, checkpoint)
+        model.eval()
+        if fuse:
+            try:
+                fuse_model = fastunet.fuse
+            except (AttributeError, ImportError):  # a build without fastunet.nn.fuse
+                warnings.warn("fastunet.fuse is unavailable; the model runs unfused",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                model = fuse_model(model)
+        model.to(self.device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        model_cfg = self.config.get("model", self.config)
+        test_cfg = dict(model_cfg.get("test_cfg") or {})
+        mode = mode or test_cfg.get("mode", "slide")
+        if mode == "slide":
+            crop_size = crop_size or test_cfg.get("crop_size")
+            stride = stride or test_cfg.get("stride")
+            if crop_size is None or stride is None:
+                raise ValueError("mode 'slide' needs crop_size and stride (the config's test_cfg "
+                                 "has none): pass crop_size=..., stride=...")
+        data_cfg = self.config.get("data") or {}
+        mean = torch.tensor(data_cfg.get("mean", MEAN), dtype=torch.float32, device=self.device)
+        std = torch.tensor(data_cfg.get("std", STD), dtype=torch.float32, device=self.device)
+        self._mean, self._inv_std = mean.view(1, 3, 1, 1), (1.0 / std).view(1, 3, 1, 1)
+        self.mode = mode
+        engine_options.setdefault("size_divisor", getattr(model.backbone, "downsample_rate", 16))
+        self.engine = InferenceEngine(model.encode_decode, mode, crop_size, stride,
+                                      window_batch=window_batch, precision=precision,
+                                      channels_last=channels_last, gaussian=gaussian, tta=tta,
+                                      **engine_options)
+
+    def normalize(self, rgb):
+        """HxWx3 uint8 array -> normalised (1, 3, H, W) float32 tensor on the device."""
+        x = torch.from_numpy(rgb).to(self.device, non_blocking=True)
+        x = x.permute(2, 0, 1).unsqueeze(0).float()
+        return (x - self._mean) * self._inv_std
+
+    def predict(self, image, return_probs=False):
+        """HxWx3 uint8 RGB array (or a path) -> HxW uint8 labels (argmax of the logits); with
+        return_probs, also the HxW float32 probability of class 1 (vessel)."""
+        if isinstance(image, (str, os.PathLike)):
+            from ..data.io import read_image
+
+            image = read_image(image)
+        rgb = as_rgb_uint8(image)
+        x = self.normalize(rgb)
+        if not return_probs:
+            return self.engine(x, "labels")[0].cpu().numpy()
+        logits = self.engine(x)
+        labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        if logits.shape[1] < 2:
+            raise ValueError("return_probs needs a model with at least 2 classes")
+        probs = logits.softmax(1)[0, 1].float().cpu().numpy()
+        return labels, probs
+
+    def predict_many(self, images, return_probs=False):
+        """Yield ``predict`` of each path or array, in order; the next file is read from disk
+        while the current one is segmented. A file that cannot be read raises
+        ``fastunet.data.io.ImageReadError`` when its turn comes."""
+        from ..data.io import decode_image
+
+        for item, data in prefetch_files(images):
+            if isinstance(data, BaseException):
+                raise data
+            image = decode_image(data, str(item)) if isinstance(data, bytes) else data
+            yield self.predict(image, return_probs=return_probs)
+
+
+def prefetch_files(items, depth=2):
+    """Yield (item, bytes of the file | the array itself | the exception raised reading it),
+    reading up to `depth` files ahead in a background thread (file I/O only: decoding, and so
+    its conversion warnings, stays in the caller's thread)."""
+    from ..data.io import ImageReadError
+
+    items = list(items)
+    ready = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def read(item):
+        if not isinstance(item, (str, os.PathLike)):
+            return item
+        try:
+            with open(item, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            return ImageReadError(f"{item}: cannot read file ({exc.strerror or exc})")
+
+    def worker():
+        for item in items:
+            value = read(item)
+            while not stop.is_set():
+                try:
+                    ready.put((item, value), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+
+    thread = threading.Thread(target=worker, name="fastunet-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in items:
+            yield ready.get()
+    finally:
+        stop.set()

@@ -1,0 +1,288 @@
+"""The window engine: slide == mmseg's loop, streaming == on-device, overlap-tile/whole/TTA
+geometry and symmetry, memory planning, errors. A tiny conv net stands in for the UNet."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastunet import ops
+from fastunet.inference import engine as eng
+from fastunet.inference import InferenceEngine, infer, reference_slide_inference
+from fastunet.ops import tile_reference as ref
+
+
+class TinyNet(torch.nn.Module):
+    """Two 3x3 convs (receptive radius 2), 2 classes; optionally insists on sizes % 16 == 0
+    like UNet-S5-D16, so a window the engine forgot to pad fails loudly."""
+
+    def __init__(self, strict16=True, hidden=4, classes=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, hidden, 3, padding=1)
+        self.b = torch.nn.Conv2d(hidden, classes, 3, padding=1)
+        self.strict16 = strict16
+        self.calls = []
+
+    def forward(self, x):
+        if self.strict16:
+            assert x.shape[-2] % 16 == 0 and x.shape[-1] % 16 == 0, x.shape
+        self.calls.append(tuple(x.shape))
+        return self.b(torch.relu(self.a(x)))
+
+
+def spec_slide(fn, x, crop, stride):
+    """SPEC §1 with slice-adds (bitwise the same as mmseg's pad-and-add, much faster); the
+    crops go through fn in one batch, as one-at-a-time forwards of a tiny net are slow here."""
+    (hc, wc), (hs, ws) = crop, stride
+    n, _, H, W = x.shape
+    boxes = []
+    for i in range(max(H - hc + hs - 1, 0) // hs + 1):
+        for j in range(max(W - wc + ws - 1, 0) // ws + 1):
+            y2, x2 = min(i * hs + hc, H), min(j * ws + wc, W)
+            boxes.append((max(y2 - hc, 0), max(x2 - wc, 0), y2, x2))
+    logits = fn(torch.cat([x[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes]))
+    logits = logits.reshape(len(boxes), n, *logits.shape[1:])
+    out, count = torch.zeros(n, logits.shape[2], H, W), torch.zeros(1, 1, H, W)
+    for (y1, x1, y2, x2), logit in zip(boxes, logits):
+        out[:, :, y1:y2, x1:x2] += logit
+        count[:, :, y1:y2, x1:x2] += 1
+    return out / count
+
+
+def close(got, expected, rtol=1e-5):
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+# (name, H, W, crop, stride) of SPEC §1
+DATASETS = [("drive", 584, 565, 64, 42), ("stare", 605, 700, 128, 85),
+            pytest.param("hrf", 2336, 3504, 256, 170, marks=pytest.mark.slow)]
+
+
+def test_slide_equals_mmseg_loop():
+    # mmseg's loop pads every window to the full image: keep the image small (DRIVE's grid
+    # shape in miniature: odd size, border windows moved back)
+    net = TinyNet()
+    H, W, crop, stride = 197, 230, 64, 42
+    x = torch.randn(2, 3, H, W)
+    expected = reference_slide_inference(net, x, crop, stride)
+    got = infer(net, x, "slide", crop, stride)
+    assert got.dtype == torch.float32 and got.shape == (2, 2, H, W)
+    close(got, expected)
+
+
+@pytest.mark.parametrize("name, H, W, crop, stride", DATASETS, ids=["drive", "stare", "hrf"])
+def test_slide_equals_spec_loop(name, H, W, crop, stride):
+    net = TinyNet()
+    x = torch.randn(1, 3, H, W)
+    expected = spec_slide(net, x, (crop, crop), (stride, stride))
+    net.calls.clear()
+    got = infer(net, x, "slide", crop, stride)
+    close(got, expected)
+    windows = ref.window_count(H, crop, stride) * ref.window_count(W, crop, stride) * x.shape[0]
+    batches = [c[0] for c in net.calls[1:]]  # calls[0] is the probe
+    assert len(set(batches)) == 1 and windows <= sum(batches) < windows + len(batches)
+    if crop < 256:  # on the CPU, 256x256 windows already fill a batch
+        assert len(net.calls) - 1 < windows  # batched
+
+
+def test_window_batch_sizes_agree():
+    net = TinyNet()
+    x = torch.randn(2, 3, 150, 170)
+    outs = [infer(net, x, "slide", 64, 42, window_batch=b) for b in (1, 5, 1000, None)]
+    for out in outs[1:]:
+        close(out, outs[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("output", ["logits", "probs", "labels"])
+def test_streaming_bands_equal_single_pass(output):
+    net = TinyNet()
+    x = torch.randn(2, 3, 230, 200)
+    full = InferenceEngine(net, "slide", 64, 42)(x, output)
+    logits = InferenceEngine(net, "slide", 64, 42)(x)
+    for rows in (1, 2, 5):
+        streamed = InferenceEngine(net, "slide", 64, 42, band_rows=rows)(x, output)
+        if output == "labels":
+            margin = (logits[:, 1] - logits[:, 0]).abs()
+            sure = margin > 1e-5  # band sums round differently; only near-ties may flip
+            assert torch.equal(streamed[sure], full[sure])
+        else:
+            close(streamed, full, rtol=1e-6)
+
+
+def test_streams_to_cpu_when_device_memory_is_short(monkeypatch):
+    net = TinyNet()
+    x = torch.randn(1, 3, 400, 300)
+    full = infer(net, x, "slide", 64, 42)
+    engine = InferenceEngine(net, "slide", 64, 42, memory_fraction=1.0)
+    monkeypatch.setattr(eng, "_available_bytes", lambda device: 3 << 20)
+    calls = []
+    original = engine._streamed
+    monkeypatch.setattr(engine, "_streamed", lambda *a: calls.append(a[4]) or original(*a))
+    close(engine(x), full, rtol=1e-6)
+    assert calls and calls[0] < ref.window_count(400, 64, 42)  # several bands
+
+
+def test_output_kinds_follow_logits():
+    net = TinyNet(classes=3)
+    x = torch.randn(1, 3, 130, 100)
+    engine = InferenceEngine(net, "slide", 64, 42)
+    logits = engine(x)
+    torch.testing.assert_close(engine(x, "probs"), logits.softmax(1))
+    labels = engine(x, "labels")
+    assert labels.dtype == torch.uint8 and labels.shape == (1, 130, 100)
+    assert torch.equal(labels.long(), logits.argmax(1))
+
+
+def test_slide_small_image_pads_to_16_and_crops_back():
+    net = TinyNet()
+    # 48x32 < crop 64 and multiples of 16: mmseg's windows are the image itself -> identical
+    x = torch.randn(1, 3, 48, 32)
+    close(infer(net, x, "slide", 64, 42), reference_slide_inference(net, x, 64, 42))
+    # 50x70: mmseg's window would be 50x64, which the UNet rejects: pad rows to 64, crop back
+    x = torch.randn(1, 3, 50, 70)
+    engine = InferenceEngine(net, "slide", 64, 42)
+    plan = engine.plan(50, 70)
+    assert (plan.y.window, plan.y.canvas, plan.y.pad_after, plan.y.count) == (64, 64, 14, 1)
+    assert (plan.x.window, plan.x.canvas, plan.x.pad_after, plan.x.count) == (64, 70, 0, 2)
+    padded = F.pad(x, (0, 0, 0, 14))
+    expected = spec_slide(net, padded, (64, 64), (42, 42))[..., :50, :]
+    close(engine(x), expected)
+    with pytest.raises(AssertionError):  # what mmseg would have run, and the UNet rejects
+        reference_slide_inference(net, x, 64, 42)
+
+
+def test_whole_pads_to_16_runs_once_and_crops():
+    net = TinyNet()
+    x = torch.randn(2, 3, 37, 50)
+    net.calls.clear()
+    got = infer(net, x, "whole")
+    assert net.calls[-1] == (2, 3, 48, 64)
+    close(got, net(F.pad(x, (0, 14, 0, 11)))[..., :37, :50])
+
+
+@pytest.mark.parametrize("H, W", [(100, 150), (40, 30), (61, 250)])
+def test_overlap_tile_gives_every_pixel_full_context(H, W):
+    # A net with receptive radius 2 <= margin is exactly translation-equivariant away from its
+    # own zero padding, so overlap-tile must equal the net on the reflect-padded whole image.
+    net = TinyNet(strict16=True)
+    engine = InferenceEngine(net, "overlap-tile", tile_size=64, margin=8)
+    x = torch.randn(1, 3, H, W)
+    plan = engine.plan(H, W)
+    for a in (plan.y, plan.x):
+        assert a.window % 16 == 0 and a.tile == a.window - 2 * a.margin and a.margin == 8
+    big = F.pad(x, (8, 8, 8, 8), mode="reflect")
+    expected = TinyNet(strict16=False)(big)[..., 8:8 + H, 8:8 + W]
+    close(engine(x), expected)
+
+
+def test_overlap_tile_uses_large_tiles():
+    net = TinyNet()
+    engine = InferenceEngine(net, "overlap-tile")  # tile 1024, margin 32
+    plan = engine.plan(584, 565)  # DRIVE: one tile
+    assert plan.windows_per_image == 1 and (plan.y.window, plan.x.window) == (656, 640)
+    plan = engine.plan(2336, 3504)  # HRF: 3 x 4 tiles of 1024
+    assert (plan.y.count, plan.x.count, plan.y.window) == (3, 4, 1024)
+
+
+def test_reflect_padding_larger_than_the_image():
+    net = TinyNet()
+    x = torch.randn(1, 3, 5, 3)
+    out = infer(net, x, "overlap-tile", tile_size=64, margin=20)
+    assert out.shape == (1, 2, 5, 3) and torch.isfinite(out).all()
+
+
+def test_tta_is_flip_equivariant_on_symmetric_grids():
+    net = TinyNet()
+    # W = 148: window starts 0, 42, 84 mirror onto themselves; H likewise
+    x = torch.randn(1, 3, 148, 148)
+    for tta, dims in (("h", (-1,)), ("v", (-2,)), ("hv", (-2, -1))):
+        engine = InferenceEngine(net, "slide", 64, 42, tta=tta)
+        close(engine(x.flip(dims)), engine(x).flip(dims), rtol=1e-5)
+    whole = InferenceEngine(net, "whole", tta=True)
+    y = torch.randn(1, 3, 64, 80)
+    close(whole(y.flip(-1)), whole(y).flip(-1))
+    close(whole(y.flip(-2)), whole(y).flip(-2))
+    # TTA averages the un-flipped outputs of the flipped windows
+    expected = (net(y) + net(y.flip(-1)).flip(-1) + net(y.flip(-2)).flip(-2)
+                + net(y.flip(-2, -1)).flip(-2, -1)) / 4
+    close(whole(y), expected)
+
+
+def test_gaussian_weighting_matches_reference_aggregation():
+    net = TinyNet()
+    x = torch.randn(1, 3, 150, 130)
+    got = infer(net, x, "slide", 64, 42, gaussian=True)
+    windows = ops.tile_extract(x, 64, 42)
+    expected = ref.tile_aggregate(net(windows), 1, 150, 130, 42, 42,
+                                  ops.gaussian_weight(64), True)
+    close(got, expected)
+    assert not torch.allclose(got, infer(net, x, "slide", 64, 42))
+
+
+def test_channels_last_and_bf16():
+    net = TinyNet()
+    x = torch.randn(1, 3, 100, 90)
+    base = infer(net, x, "slide", 64, 42)
+    close(infer(net.to(memory_format=torch.channels_last), x, "slide", 64, 42,
+                channels_last=True), base)
+    low = infer(net, x, "slide", 64, 42, precision="bf16")
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, base, rtol=0.05, atol=0.05)
+
+
+def test_window_function_errors_are_clear():
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="shape"):
+        infer(lambda w: w[:, :2, ::2, ::2], x, "slide", 64, 42)
+    with pytest.raises(ValueError, match="mode"):
+        InferenceEngine(TinyNet(), "sliding", 64, 42)
+    with pytest.raises(ValueError, match="crop_size and stride"):
+        InferenceEngine(TinyNet(), "slide")
+    with pytest.raises(ValueError, match="multiple of size_divisor"):
+        InferenceEngine(TinyNet(), "slide", 100, 50)
+    with pytest.raises(ValueError, match="tile_size"):
+        InferenceEngine(TinyNet(), "overlap-tile", tile_size=60)
+    with pytest.raises(ValueError, match="precision"):
+        InferenceEngine(TinyNet(), "whole", precision="int8")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        InferenceEngine(TinyNet(), "whole", cuda_graphs="yes")
+    with pytest.raises(ValueError, match="normalised float tensor"):
+        InferenceEngine(TinyNet(), "whole")(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_batch_sizing_balances_the_last_batch():
+    net = TinyNet()
+    engine = InferenceEngine(net, "slide", 64, 42, window_batch=64)
+    net.calls.clear()
+    engine(torch.randn(1, 3, 584, 565))  # 182 windows: 3 batches of 61, not 64 + 64 + 54
+    assert [c[0] for c in net.calls[1:]] == [61, 61, 61]  # the last one padded
+
+
+def test_batch_pixels_are_capped(monkeypatch):
+    # large batches of large windows overflow int32 indexing in some PyTorch kernels
+    monkeypatch.setattr(eng, "MAX_BATCH_PIXELS", 3 * 64 * 64)
+    net = TinyNet()
+    engine = InferenceEngine(net, "slide", 64, 42, window_batch=100)
+    net.calls.clear()
+    engine(torch.randn(1, 3, 200, 200))
+    assert engine.last_schedule["window_batch"] == 3
+    assert {c[0] for c in net.calls[1:]} == {3}
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_graphs_match_eager():
+    net = TinyNet()
+    x = torch.randn(2, 3, 300, 260)
+    expected = infer(net, x, "slide", 64, 42)
+    gpu = TinyNet().cuda()
+    xc = x.cuda()
+    close(infer(gpu, xc, "slide", 64, 42).cpu(), expected, rtol=1e-4)
+    graphed = InferenceEngine(gpu, "slide", 64, 42, cuda_graphs=True, window_batch=16)
+    close(graphed(xc).cpu(), expected, rtol=1e-4)
+    close(graphed(xc).cpu(), expected, rtol=1e-4)  # replayed
+    auto = InferenceEngine(gpu, "slide", 64, 42, window_batch=16)  # graphs on the 2nd image
+    for _ in range(3):
+        close(auto(xc).cpu(), expected, rtol=1e-4)
+    assert len(auto._graphs) == 1
+    streamed = InferenceEngine(gpu, "slide", 64, 42, output_device="cpu", band_rows=2)(xc)
+    assert streamed.device.type == "cpu"
+    close(streamed, expected, rtol=1e-4)
