@@ -352,7 +352,8 @@ def _train(args, restore):
         path = os.path.join(work_dir, "vis", f"val_iter_{iteration}.png") if main_rank else None
         set_fused(model, None)  # the fused inference path (folded BN) is never slower
         metric, secs = evaluate(model, val_set, device, rank=dist_info.rank,
-                                world_size=dist_info.world_size, overlay_path=path)
+                                world_size=dist_info.world_size, overlay_path=path,
+                                weights_change=True)
         set_fused(model, train_fused)
         metrics = metric.compute()
         overlay = path or overlay

@@ -76,6 +76,26 @@ def test_mode_whole(drive_root, tmp_path):
     assert json.dumps(record["metrics"]) == json.dumps(expected)
 
 
+def test_mode_overlap_tile(drive_root, tmp_path):
+    from fastunet.inference import InferenceEngine
+
+    out_json = tmp_path / "o.json"
+    assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
+                          drive_root, "--mode", "overlap-tile", "--json", str(out_json),
+                          "--cfg-options", *MMSEG_OVERRIDES]) == 0
+    model = fastunet.build_segmentor(fastunet.models.apply_overrides(
+        fastunet.get_config(MMSEG_CONFIG), MMSEG_OVERRIDES))
+    fastunet.load_checkpoint(model, MMSEG_CKPT)
+    engine = InferenceEngine(model.eval().encode_decode, "overlap-tile")
+    metric = SegMetric()
+    with torch.no_grad():
+        for item in build_dataset("drive", drive_root, "validation"):
+            metric.update(engine(normalize(item["img"])[None]).argmax(1)[0], item["label"])
+    record = json.load(open(out_json))
+    assert record["mode"] == "overlap-tile"
+    assert json.dumps(record["metrics"]) == json.dumps(metric.compute())
+
+
 def test_synthetic_needs_no_data_root(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTUNET_CACHE", str(tmp_path / "cache"))
     opts = [*tiny_model(2), "data.image_size=(96,96)", "data.num_val=2", "data.num_train=1"]

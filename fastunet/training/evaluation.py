@@ -22,30 +22,33 @@ __all__ = ["evaluate", "predict_logits", "error_overlay", "TEST_MODES"]
 TEST_MODES = ("slide", "whole", "overlap-tile")
 
 
-def predict_logits(model, x, mode=None):
-    """Logits (N, C, H, W) of normalised images in the config's test mode or ``mode``."""
+def predict_logits(model, x, mode=None, **options):
+    """Logits (N, C, H, W) of normalised images in the config's test mode or ``mode``.
+
+    ``options`` go to the inference engine (:class:`fastunet.inference.InferenceEngine`:
+    channels_last, cuda_graphs, precision, ...).
+    """
     cfg_mode = model.test_cfg.get("mode", "whole")
     if mode is None or mode == cfg_mode:
-        return model.inference(x)
+        return model.inference(x, **options)
     if mode == "whole":
-        return model.whole_inference(x)
+        return model.whole_inference(x, **options)
     if mode == "slide":
         if "crop_size" not in model.test_cfg or "stride" not in model.test_cfg:
             raise ValueError("--mode slide needs model.test_cfg crop_size and stride in the "
                              "config")
-        return model.slide_inference(x, model.test_cfg["crop_size"], model.test_cfg["stride"])
+        return model.slide_inference(x, model.test_cfg["crop_size"], model.test_cfg["stride"],
+                                     **options)
     if mode == "overlap-tile":
-        try:
-            from ..inference.engine import InferenceEngine
-        except ImportError:
-            raise ValueError("--mode overlap-tile needs fastunet's inference engine "
-                             "(fastunet.inference.engine), which this install lacks") from None
-        engine = model.__dict__.get("_overlap_tile_engine")
-        if engine is None:
-            engine = InferenceEngine(model.encode_decode, "overlap-tile",
-                                     size_divisor=getattr(model.backbone, "downsample_rate", 16))
-            model.__dict__["_overlap_tile_engine"] = engine
-        return engine(x)
+        from ..inference.engine import InferenceEngine
+
+        key = tuple(sorted(options.items()))
+        engines = model.__dict__.setdefault("_overlap_tile_engines", {})
+        if key not in engines:  # kept, so the engine's batch-size probe runs once
+            engines[key] = InferenceEngine(
+                model.encode_decode, "overlap-tile",
+                size_divisor=getattr(model.backbone, "downsample_rate", 16), **options)
+        return engines[key](x)
     raise ValueError(f"unknown test mode {mode!r}; choose one of {', '.join(TEST_MODES)}")
 
 
@@ -70,11 +73,14 @@ def error_overlay(rgb, pred, label, fov=None):
 
 @torch.no_grad()
 def evaluate(model, dataset, device, mode=None, use_fov=False, rank=0, world_size=1,
-             save_dir=None, overlay_path=None, overlay_index=0, progress=None):
+             save_dir=None, overlay_path=None, overlay_index=0, progress=None,
+             weights_change=False):
     """Score ``model`` on ``dataset`` (items dict(img, label, name, fov)); returns
     (SegMetric summed over ranks, seconds). ``save_dir``: write each prediction as
     ``<name>.png`` (vessel 255, background 0). ``overlay_path``: write :func:`error_overlay` of
     item ``overlay_index`` (by the rank that predicts it). ``progress``: a callable(done, total).
+    ``weights_change``: the model will be trained further (evaluation during training): no CUDA
+    graphs, which would keep replaying the folded weights of their capture.
     """
     was_training = model.training
     model.eval()
@@ -84,14 +90,16 @@ def evaluate(model, dataset, device, mode=None, use_fov=False, rank=0, world_siz
     weight = next((p for p in model.parameters() if p.dim() == 4), None)
     channels_last = weight is not None and not weight.is_contiguous() and weight.is_contiguous(
         memory_format=torch.channels_last)
+    options = {"channels_last": channels_last}
+    if weights_change:
+        options["cuda_graphs"] = False
     t0 = time.perf_counter()
     mine = list(range(rank, len(dataset), world_size))
     for done, i in enumerate(mine, 1):
         item = dataset[i]
         x = normalize(item["img"])[None].to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pred = predict_logits(model, x, mode).argmax(1)[0].cpu().numpy().astype(np.uint8)
+        pred = predict_logits(model, x, mode, **options).argmax(1)[0].cpu().numpy().astype(
+            np.uint8)
         fov = item.get("fov") if use_fov else None
         if use_fov and fov is None:
             raise ValueError(f"--fov: image {item.get('name', i)} has no field-of-view mask "
