@@ -9,7 +9,8 @@ tensors (no dataset needed). Ratios are measured inside one test with the varian
 round by round, so a busy machine slows all of them alike; they are in ``extra_info``:
 
 - ``test_cpu_iteration``: UNet-S5-D16 + FCN at full width, batch 4 x 64x64, fused
-  Conv-BN-ReLU (the default) vs the eager unfused modules (``fused=False``, = FASTUNET_FUSED=0);
+  Conv-BN-ReLU (the default) vs the eager unfused modules (``fused=False``, = FASTUNET_FUSED=0),
+  each in NCHW and channels_last;
 - ``test_cpu_data_vs_model``: samples/s of mmseg's training pipeline (one process, DRIVE-size
   synthetic images, 64x64 crops) vs samples/s the models consume in training (the synthetic
   default config, and the full-width FCN);
@@ -78,13 +79,18 @@ def _interleaved(runs, rounds, warmup=2):
 
 
 def test_cpu_iteration(benchmark):
-    fused = _runner(_setup("fcn_unet_s5-d16_64x64_40k_drive", 4, 64, "cpu"))
-    unfused = _runner(_setup("fcn_unet_s5-d16_64x64_40k_drive", 4, 64, "cpu", fused=False))
-    t = _interleaved({"fused": fused, "unfused": unfused}, rounds=6)
-    benchmark.pedantic(fused, rounds=3, warmup_rounds=1)
+    cfg = "fcn_unet_s5-d16_64x64_40k_drive"
+    runs = {f"{'fused' if f else 'unfused'}{'_cl' if cl else ''}":
+            _runner(_setup(cfg, 4, 64, "cpu", fused=f, channels_last=cl))
+            for f in (True, False) for cl in (False, True)}
+    t = _interleaved(runs, rounds=5)
+    benchmark.pedantic(runs["fused"], rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(
         case="fcn full width, batch 4 x 64x64, fp32, CPU",
-        fused_s=t["fused"], unfused_s=t["unfused"], speedup=t["unfused"] / t["fused"],
+        **{f"{k}_s": v for k, v in t.items()},
+        fused_speedup=t["unfused"] / t["fused"],                 # fused vs the eager reference
+        fused_channels_last_speedup=t["unfused"] / t["fused_cl"],
+        cli_cpu_recipe_speedup=t["unfused"] / t["unfused_cl"],   # what --fused auto runs on CPU
         threads=torch.get_num_threads())
 
 
@@ -103,9 +109,12 @@ def test_cpu_data_vs_model(benchmark):
     benchmark.pedantic(pipeline, rounds=3, warmup_rounds=1)
     pipe = len(keys) / benchmark.stats.stats.min
     syn_cfg = fastunet.get_config("synthetic")["train"]
+    # the models as python -m fastunet.train runs them on CPU: plain modules, channels_last
     t = _interleaved({
-        "synthetic": _runner(_setup("synthetic", syn_cfg["batch_size"], 64, "cpu")),
-        "fcn": _runner(_setup("fcn_unet_s5-d16_64x64_40k_drive", 4, 64, "cpu"))}, rounds=4)
+        "synthetic": _runner(_setup("synthetic", syn_cfg["batch_size"], 64, "cpu", fused=False,
+                                    channels_last=True)),
+        "fcn": _runner(_setup("fcn_unet_s5-d16_64x64_40k_drive", 4, 64, "cpu", fused=False,
+                              channels_last=True))}, rounds=4)
     syn = syn_cfg["batch_size"] / t["synthetic"]
     fcn = 4 / t["fcn"]
     benchmark.extra_info.update(
@@ -119,13 +128,14 @@ def test_cpu_data_vs_model(benchmark):
 @pytest.mark.cuda
 def test_cuda_recipe(benchmark):
     config = "fcn_unet_s5-d16_64x64_40k_drive"
-    fast_parts = _setup(config, 16, 64, "cuda", fused=True, channels_last=True)
-    ref_parts = _setup(config, 16, 64, "cuda", fused=False, channels_last=False)
     torch.backends.cudnn.benchmark = True
-    fast = _runner(fast_parts, torch.bfloat16)
-    ref = _runner(ref_parts, None)
+    runs = {  # what python -m fastunet.train runs on CUDA, the same unfused, the eager reference
+        "recipe": _runner(_setup(config, 16, 64, "cuda", channels_last=True), torch.bfloat16),
+        "recipe_unfused": _runner(_setup(config, 16, 64, "cuda", fused=False,
+                                         channels_last=True), torch.bfloat16),
+        "reference": _runner(_setup(config, 16, 64, "cuda", fused=False), None)}
     mem = {}
-    for name, run in (("recipe", fast), ("reference", ref)):
+    for name, run in runs.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
@@ -137,16 +147,18 @@ def test_cuda_recipe(benchmark):
             for _ in range(n):
                 run()
         return f
-    t = _interleaved({"recipe": many(fast), "reference": many(ref)}, rounds=5, warmup=1)
-    benchmark.pedantic(fast, rounds=20, warmup_rounds=5)
+    t = _interleaved({k: many(v) for k, v in runs.items()}, rounds=3, warmup=1)
+    benchmark.pedantic(runs["recipe"], rounds=20, warmup_rounds=5)
     it_s = {k: 20 / v for k, v in t.items()}
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(0),
         case="fcn full width, batch 16 x 64x64: bf16+channels_last+fused vs fp32 eager unfused",
-        recipe_it_per_s=it_s["recipe"], reference_it_per_s=it_s["reference"],
+        **{f"{k}_it_per_s": v for k, v in it_s.items()},
         speedup=it_s["recipe"] / it_s["reference"],
-        recipe_peak_gb=mem["recipe"], reference_peak_gb=mem["reference"],
+        fused_vs_unfused_in_recipe=it_s["recipe"] / it_s["recipe_unfused"],
+        **{f"{k}_peak_gb": v for k, v in mem.items()},
         drive_40k_hours_recipe=40000 / it_s["recipe"] / 3600,
+        drive_40k_hours_recipe_unfused=40000 / it_s["recipe_unfused"] / 3600,
         drive_40k_hours_reference=40000 / it_s["reference"] / 3600)
 
 

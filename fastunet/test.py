@@ -31,7 +31,7 @@ def build_parser():
 
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Score a trained model (a fastunet or mmseg checkpoint) on the validation "
+        description="Score a trained model (a fastunet or mmseg checkpoint) on the validation\n"
                     "split of its dataset and print the per-class and summary tables.",
         epilog="examples:\n" + __doc__.split("\n\n")[1])
     p.add_argument("--config", required=True,

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 import time
 from typing import NamedTuple
 
@@ -57,13 +58,15 @@ def build_parser():
 
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a UNet-S5-D16 segmentor with the published mmseg recipe. With no "
-                    "arguments: the 'synthetic' config on fastunet's built-in synthetic vessel "
-                    "images (generated on first use), on the GPU if there is one, in minutes "
-                    "even on a 2-core CPU; ends with the validation metrics, a checkpoint and an "
-                    "overlay picture.",
-        epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\nconfigs: "
-               + ", ".join(list_configs()) + "\n(mmseg 1.x config file names work too)")
+        description=textwrap.fill(
+            "Train a UNet-S5-D16 segmentor with the published mmseg recipe. With no arguments: "
+            "the 'synthetic' config on fastunet's built-in synthetic vessel images (generated on "
+            "first use), on the GPU if there is one, in minutes even on a 2-core CPU; ends with "
+            "the validation metrics, a checkpoint and an overlay picture.", 79),
+        epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\nconfigs (mmseg 1.x config "
+               "file names work too):\n" + textwrap.fill(", ".join(list_configs()), 79,
+                                                         initial_indent="  ",
+                                                         subsequent_indent="  "))
     p.add_argument("--config", default="synthetic",
                    help="config name (default: synthetic); see the list below")
     p.add_argument("--data-root", metavar="DIR",

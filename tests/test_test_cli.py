@@ -54,7 +54,7 @@ def test_mmseg_checkpoint_scores_as_computed_by_hand(drive_root, tmp_path, capsy
     out = capsys.readouterr().out
     assert code == 0
     assert "per class results:" in out and "Summary:" in out and "iteration 4000" in out
-    record = json.load(open(out_json))
+    record = json.loads(out_json.read_text())
     expected, preds = _expected(drive_root, use_fov)
     assert json.dumps(record["metrics"]) == json.dumps(expected)
     assert record["fov"] is use_fov and record["num_images"] == 3 and record["mode"] == "slide"
@@ -70,7 +70,7 @@ def test_mode_whole(drive_root, tmp_path):
     assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
                           drive_root, "--mode", "whole", "--json", str(out_json),
                           "--cfg-options", *MMSEG_OVERRIDES]) == 0
-    record = json.load(open(out_json))
+    record = json.loads(out_json.read_text())
     assert record["mode"] == "whole"
     expected, _ = _expected(drive_root, False, mode="whole")
     assert json.dumps(record["metrics"]) == json.dumps(expected)
@@ -91,7 +91,7 @@ def test_mode_overlap_tile(drive_root, tmp_path):
     with torch.no_grad():
         for item in build_dataset("drive", drive_root, "validation"):
             metric.update(engine(normalize(item["img"])[None]).argmax(1)[0], item["label"])
-    record = json.load(open(out_json))
+    record = json.loads(out_json.read_text())
     assert record["mode"] == "overlap-tile"
     assert json.dumps(record["metrics"]) == json.dumps(metric.compute())
 

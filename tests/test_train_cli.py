@@ -38,7 +38,7 @@ def test_every_head_trains_a_few_iterations(config, drive_root, tmp_path, capsys
                            "--cfg-options", *tiny_model(4)])
     out = capsys.readouterr().out
     assert code == 0
-    records = [json.loads(l) for l in open(work / "log.jsonl")]
+    records = [json.loads(l) for l in (work / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["mode"] == "train"]
     assert [r["iter"] for r in train] == [1, 2, 3]
     dice = "decode.loss_dice" in train[0]

@@ -60,8 +60,8 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, fused):
     assert json.dumps(a["meta"]["metrics"]) == json.dumps(b["meta"]["metrics"])
     # the log has each iteration once, the killed run's unsaved tail replaced
 
-    iters = [json.loads(l)["iter"] for l in open(work / "log.jsonl")
-             if json.loads(l)["mode"] == "train"]
+    records = [json.loads(l) for l in (work / "log.jsonl").read_text().splitlines()]
+    iters = [r["iter"] for r in records if r["mode"] == "train"]
     assert iters == list(range(1, MAX_ITERS + 1))
 
 
