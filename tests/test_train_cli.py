@@ -13,7 +13,7 @@ from fastunet import train as train_cli
 from fastunet.data import write_synthetic
 from fastunet.training import poly_lr
 
-from trainkit import intervals, run_cli, tiny_model, tiny_synthetic
+from trainkit import assert_same_state, intervals, run_cli, tiny_model, tiny_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,15 @@ def test_help_and_module_entry_point(tmp_path):
         assert opt in out.stdout
     bad = run_cli("fastunet.train", ["--config", "nope"], tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path):
+    # samples are keyed by (seed, epoch, index): worker processes must not change the data
+    states = []
+    for workers in ("0", "2"):
+        work = tmp_path / f"w{workers}"
+        assert train_cli.main(["--max-iters", "3", "--workers", workers, "--work-dir", str(work),
+                               "--cfg-options", *tiny_model(2), *tiny_synthetic(),
+                               "train.batch_size=2"]) == 0
+        states.append(torch.load(work / "latest.pth", weights_only=False)["state_dict"])
+    assert_same_state(*states)
