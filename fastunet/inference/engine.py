@@ -348,6 +348,9 @@ class InferenceEngine:
         one-off sizes pay nothing; True: capture at once; False: never. On an H100 it gave 1.6x
         (DRIVE slide fp32) and 1.4-1.5x (overlap-tile / whole bf16); up to MAX_CUDA_GRAPHS are
         kept, each holding its batch's activation memory.
+    state_version: optional callable returning a hashable summary of the weights fn uses
+        (e.g. parameter versions); captured CUDA graphs replay the weights of their capture, so
+        they are dropped whenever it changes (the segmentor passes one).
     compile: wrap fn in torch.compile(dynamic=False) (first call compiles; off by default).
     memory_fraction: share of the free memory the engine plans to use.
     max_buffer_bytes: cap on the working buffers of one pass (windows, window logits, the float
@@ -362,7 +365,7 @@ class InferenceEngine:
                  margin=32, size_divisor=16, window_batch=None, precision="fp32",
                  channels_last=False, gaussian=False, tta=None, output_device=None,
                  band_rows=None, cuda_graphs=None, compile=False, memory_fraction=0.7,
-                 max_buffer_bytes=None):
+                 max_buffer_bytes=None, state_version=None):
         if not callable(fn):
             raise TypeError(f"fn must be a callable mapping windows to logits, got {type(fn)}")
         if mode not in MODES:
@@ -413,6 +416,8 @@ class InferenceEngine:
         self._probes = {}   # (device, window, dtype) -> (classes, bytes per window, fixed bytes)
         self._graphs = {}   # (device, batch shape, dtype) -> _GraphedCall, LRU order
         self._shapes_seen = set()
+        self.state_version = state_version
+        self._graph_version = None  # state_version() when the kept graphs were captured
         self.last_schedule = None  # what the last call chose: window batch, bands, output device
 
     # ------------------------------------------------------------------ geometry
@@ -450,6 +455,11 @@ class InferenceEngine:
     def _batch_call(self, windows):
         if self.cuda_graphs is False or not windows.is_cuda:
             return self._call(windows)
+        if self.state_version is not None:
+            version = self.state_version()
+            if version != self._graph_version:  # weights changed since capture: recapture
+                self._graphs.clear()
+                self._graph_version = version
         key = (windows.device, tuple(windows.shape), windows.dtype)
         graphed = self._graphs.pop(key, None)
         if graphed is None:
