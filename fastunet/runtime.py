@@ -24,7 +24,7 @@ import os
 
 import torch
 
-__all__ = ["resolve_device", "set_deterministic", "is_deterministic"]
+__all__ = ["resolve_device", "set_deterministic", "is_deterministic", "pid_alive"]
 
 _STATE = {"on": False}
 
@@ -92,3 +92,17 @@ def set_deterministic(enabled=True):
         if fill is not None:
             fill.fill_uninitialized_memory = before[5]
     return restore
+
+
+def pid_alive(pid):
+    """Whether a process with this id runs on this machine (True when it cannot be told):
+    temporary files named after a dead writer's pid are leftovers of a killed run."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process; or cannot tell
+        return True
+    return True

@@ -439,3 +439,161 @@ def test_segmetric_warns_about_unexpected_label_values():
     with pytest.warns(RuntimeWarning, match=r"label values \[128\]"):
         metric.update(np.zeros((4, 4), int), np.array([[0, 1, 128, 255]] * 4))
     assert metric.compute()["aAcc"] == pytest.approx(100 * 4 / 8)  # 128 counts as no class
+
+
+# ------------------------------------------------------------------------------ train / test CLIs
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """A tiny DRIVE-layout root, and broken copies of it; a weights-only checkpoint."""
+    import shutil
+
+    from fastunet.data import write_synthetic
+    from trainkit import tiny_model
+
+    d = tmp_path_factory.mktemp("roots")
+    good = write_synthetic(d / "DRIVE", num_training=2, num_validation=1, size=(64, 64))
+    out = {"good": good, "dir": d}
+    for name in ("orphan_label", "train_values", "val_values", "missing_label"):
+        shutil.copytree(good, d / name)
+        out[name] = str(d / name)
+    first = lambda folder: os.path.join(folder, sorted(os.listdir(folder))[0])
+    os.remove(first(d / "orphan_label" / "images" / "training"))
+    os.remove(first(d / "missing_label" / "annotations" / "validation"))
+    stripes = (np.arange(64 * 64).reshape(64, 64) % 3 * 100).astype(np.uint8)  # 0/100/200
+    write_png(first(d / "train_values" / "annotations" / "training"), stripes)
+    write_png(first(d / "val_values" / "annotations" / "validation"), stripes)
+    cfg = apply_overrides(get_config("fcn_unet_s5-d16_64x64_40k_drive"), tiny_model(2))
+    torch.manual_seed(0)
+    out["weights"] = save_checkpoint(d / "weights.pth", build_segmentor(cfg))
+    data = open(out["weights"], "rb").read()
+    (d / "truncated.pth").write_bytes(data[:len(data) // 2])
+    (d / "a_file").write_text("x")
+    return out
+
+
+def _train_argv(r, work, *extra, root="good", opts=()):
+    from trainkit import tiny_model
+
+    return ["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", r[root],
+            "--max-iters", "1", "--batch-size", "2", "--workers", "0", "--work-dir", str(work),
+            *extra, "--cfg-options", *tiny_model(2), *opts]
+
+
+D = lambda r: r["dir"]
+# (id, extra arguments(roots), exit status, message, extra --cfg-options); later flags win
+TRAIN_CASES = [
+    ("misspelt config", lambda r: ["--config", "fcn_unet_s5-d16_64x64_40k_driv"], 2,
+     "did you mean", ()),
+    ("--max-iters 0", lambda r: ["--max-iters", "0"], 2, "must be positive", ()),
+    ("--batch-size -2", lambda r: ["--batch-size", "-2"], 2, "batch size", ()),
+    ("--workers -1", lambda r: ["--workers", "-1"], 2, "--workers must be >= 0", ()),
+    ("--log-interval 0", lambda r: ["--log-interval", "0"], 2, "--log-interval must be >= 1",
+     ()),
+    ("--device cuda without CUDA", lambda r: ["--device", "cuda"], 2, "use cpu", ()),
+    ("--device cuda:7", lambda r: ["--device", "cuda:7"], 2, "cuda:7", ()),
+    ("--device unknown", lambda r: ["--device", "npu"], 2, "unknown device", ()),
+    ("--amp fp16 on CPU", lambda r: ["--amp", "fp16", "--device", "cpu"], 2, "CUDA GPUs", ()),
+    ("--amp unknown", lambda r: ["--amp", "fp8"], 2, "invalid choice", ()),
+    ("--cfg-options without =", lambda r: [], 2, "key.subkey=value", ["train.lr"]),
+    ("--cfg-options misspelt", lambda r: [], 2, "did you mean 'train.lr'", ["train.lrr=1"]),
+    ("--cfg-options bad value", lambda r: [], 2, "'train.lr' must be a positive number",
+     ["train.lr=abc"]),
+    ("zero crop", lambda r: [], 2, "'data.crop_size' must be a positive", ["data.crop_size=0"]),
+    ("negative crop", lambda r: [], 2, "'data.crop_size' must be", ["data.crop_size=(-64,64)"]),
+    ("zero test stride", lambda r: [], 2, "'model.test_cfg.stride' must be a positive",
+     ["model.test_cfg.stride=(0,0)"]),
+    ("misspelt model key", lambda r: [], 2, "did you mean 'model.backbone.base_channels'",
+     ["model.backbone.base_channel=4"]),
+    ("missing data root", lambda r: ["--data-root", str(D(r) / "nope")], 2, "does not exist",
+     ()),
+    ("label without image", lambda r: ["--data-root", r["orphan_label"]], 2, "have no image",
+     ()),
+    ("image without label", lambda r: ["--data-root", r["missing_label"]], 2, "have no label",
+     ()),
+    ("training label values", lambda r: ["--data-root", r["train_values"]], 1,
+     "not class indices", ()),
+    ("validation label values", lambda r: ["--data-root", r["val_values"]], 1,
+     "not class indices", ()),
+    ("--load-from truncated", lambda r: ["--load-from", str(D(r) / "truncated.pth")], 2,
+     "truncated or corrupt", ()),
+    ("--load-from a folder", lambda r: ["--load-from", str(D(r))], 2, "is a folder", ()),
+    ("--load-from another model", lambda r: ["--load-from", r["weights"]], 2,
+     "does not match the model", ["model.backbone.base_channels=4",
+                                  "model.decode_head.in_channels=4"]),
+    ("--resume without checkpoint", lambda r: ["--resume"], 2, "--resume: no checkpoint", ()),
+    ("--resume weights only", lambda r: ["--resume", r["weights"]], 2, "holds weights only",
+     ()),
+    ("--resume truncated", lambda r: ["--resume", str(D(r) / "truncated.pth")], 2,
+     "truncated or corrupt", ()),
+    ("--work-dir is a file", lambda r: ["--work-dir", str(D(r) / "a_file")], 2,
+     "is not a folder", ()),
+]
+
+
+@pytest.mark.parametrize("case, extra, status, message, opts", TRAIN_CASES,
+                         ids=[c[0] for c in TRAIN_CASES])
+def test_train_cli(case, extra, status, message, opts, roots, tmp_path, capsys, monkeypatch):
+    from fastunet import train as train_cli
+    from trainkit import tiny_model
+
+    if HAS_CUDA and ("without CUDA" in case or "on CPU" in case):
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("FASTUNET_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    argv = ["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", roots["good"],
+            "--max-iters", "1", "--batch-size", "2", "--workers", "0", "--work-dir", str(work),
+            *extra(roots), "--cfg-options", *tiny_model(2), *opts]
+    code, err = run_cli(train_cli.main, argv, capsys)
+    assert code == status, err
+    assert_clean(err, "python -m fastunet.train", expect_error=True)
+    assert message in err, err
+    if status == 2:  # refused before any work
+        assert not work.exists() or not any(work.iterdir())
+    else:  # a data error found mid-run: only complete checkpoints, no temporary files
+        assert not [n for n in os.listdir(work) if n.startswith(".tmp")]
+        for name in os.listdir(work):
+            if name.endswith(".pth"):
+                fastunet.models.checkpoint.read_checkpoint(work / name)
+
+
+TEST_CASES = [
+    ("missing checkpoint", lambda r: ["--checkpoint", str(D(r) / "nope.pth")], 2, "not found",
+     ()),
+    ("checkpoint is a folder", lambda r: ["--checkpoint", str(D(r))], 2, "is a folder", ()),
+    ("truncated checkpoint", lambda r: ["--checkpoint", str(D(r) / "truncated.pth")], 2,
+     "truncated or corrupt", ()),
+    ("checkpoint of another model", lambda r: [], 2, "does not match the model",
+     ["model.backbone.base_channels=4", "model.decode_head.in_channels=4"]),
+    ("misspelt config", lambda r: ["--config", "unet-s5-d16_fcn_4xb4-40k_drive-64x6"], 2,
+     "did you mean", ()),
+    ("--device unknown", lambda r: ["--device", "gpu0"], 2, "unknown device", ()),
+    ("--device cuda:7", lambda r: ["--device", "cuda:7"], 2, "cuda:7", ()),
+    ("--mode unknown", lambda r: ["--mode", "tiles"], 2, "invalid choice", ()),
+    ("--cfg-options misspelt", lambda r: [], 2, "did you mean 'model.test_cfg'",
+     ["model.test_cf.mode='whole'"]),
+    ("zero test stride", lambda r: [], 2, "'model.test_cfg.stride' must be a positive",
+     ["model.test_cfg.stride=(0,0)"]),
+    ("validation label values", lambda r: ["--data-root", r["val_values"]], 2,
+     "not class indices", ()),
+    ("image without label", lambda r: ["--data-root", r["missing_label"]], 2, "have no label",
+     ()),
+    ("--json is a folder", lambda r: ["--json", str(D(r))], 2, "is a folder", ()),
+    ("--save-predictions is a file", lambda r: ["--save-predictions", str(D(r) / "a_file")], 2,
+     "is not a folder", ()),
+]
+
+
+@pytest.mark.parametrize("case, extra, status, message, opts", TEST_CASES,
+                         ids=[c[0] for c in TEST_CASES])
+def test_test_cli(case, extra, status, message, opts, roots, tmp_path, capsys):
+    from fastunet import test as test_cli
+    from trainkit import tiny_model
+
+    argv = ["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", roots["good"],
+            "--checkpoint", roots["weights"], *extra(roots), "--cfg-options", *tiny_model(2),
+            *opts]
+    code, err = run_cli(test_cli.main, argv, capsys)
+    assert code == status, err
+    assert_clean(err, "python -m fastunet.test", expect_error=True)
+    assert message in err, err

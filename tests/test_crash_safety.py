@@ -147,3 +147,75 @@ def test_convert_killed_leaves_no_partial_root(drive_zips, tmp_path):
     _root_complete(out)
     if any(n.startswith(".DRIVE.converting-") for n in os.listdir(tmp_path)):
         assert "left from an interrupted run" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ train
+
+TRAIN_ITERS = 90
+TRAIN_KILLS = int(os.environ.get("FASTUNET_TRAIN_KILLS", "5"))
+
+
+def _train_args(work):
+    from trainkit import intervals, tiny_model, tiny_synthetic
+
+    # dropout is on, so random states matter; a checkpoint every 7 iterations, one evaluation
+    return ["--max-iters", str(TRAIN_ITERS), "--batch-size", "2", "--workers", "0",
+            "--log-interval", "1", "--seed", "5", "--work-dir", str(work), "--cfg-options",
+            *tiny_model(2), *tiny_synthetic(num_train=3, num_val=1), *intervals(7),
+            f"train.eval_interval={TRAIN_ITERS}"]
+
+
+def test_train_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
+    from fastunet.training.state import load_training_checkpoint
+    from trainkit import assert_same_state, cli_env
+
+    cache = tmp_path / "cache"
+    env = cli_env(cache)
+
+    def run(work, resume, timeout=600):
+        args = _train_args(work) + (["--resume"] if resume else [])
+        return subprocess.Popen([sys.executable, "-m", "fastunet.train", *args], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    t0 = time.time()
+    whole = run(tmp_path / "whole", False)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    whole.stderr.close()
+    duration = time.time() - t0
+
+    work = tmp_path / "killed"
+    rng = random.Random(2024)
+    model = fastunet.build_segmentor(fastunet.models.apply_overrides(
+        fastunet.get_config("synthetic"), _train_args(work)[_train_args(work).index(
+            "--cfg-options") + 1:]))
+    seen, kills = [], 0
+    for _ in range(TRAIN_KILLS):
+        latest = work / "latest.pth"
+        proc = run(work, resume=latest.exists())
+        try:
+            proc.wait(timeout=rng.uniform(0.3, duration))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            kills += 1
+        finally:
+            proc.stderr.close()
+        if latest.exists():  # always loadable: weights, and the full training state
+            ckpt = load_training_checkpoint(latest)
+            seen.append(ckpt["meta"]["iteration"])
+            fastunet.load_checkpoint(model, latest)
+        temps = [n for n in os.listdir(work) if n.startswith(".")] if work.exists() else []
+        assert all(n.endswith((".pth", ".tmp")) for n in temps), temps  # hidden, named so
+    assert kills >= 2, "the random delays killed fewer than 2 runs"
+    final = run(work, resume=(work / "latest.pth").exists())
+    assert final.wait(timeout=600) == 0, final.stderr.read()
+    final.stderr.close()
+    assert not [n for n in os.listdir(work) if n.startswith(".")]  # leftovers removed
+    a = torch.load(tmp_path / "whole" / "latest.pth", weights_only=False)
+    b = torch.load(work / "latest.pth", weights_only=False)
+    assert a["meta"]["iteration"] == b["meta"]["iteration"] == TRAIN_ITERS
+    assert_same_state(a["state_dict"], b["state_dict"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert seen == sorted(seen)  # checkpoints only move forward

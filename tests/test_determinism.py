@@ -108,3 +108,31 @@ def test_predict_cli_deterministic_twice_gives_identical_files(checkpoint_and_im
         outs.append({n: (out / n).read_bytes() for n in sorted(os.listdir(out))})
     assert list(outs[0]) == ["img_mask.png", "img_overlay.png", "img_prob.png"]
     assert outs[0] == outs[1]
+
+
+def test_train_and_test_cli_deterministic_twice_are_bitwise_equal(tmp_path):
+    from trainkit import assert_same_state, run_cli, tiny_model, tiny_synthetic
+
+    opts = ["--cfg-options", *tiny_model(2), *tiny_synthetic(num_train=3, num_val=2),
+            "train.eval_interval=6", "train.checkpoint_interval=6"]
+    results = []
+    for i in range(2):
+        work = tmp_path / f"run{i}"
+        done = run_cli("fastunet.train", ["--max-iters", "6", "--batch-size", "2", "--workers",
+                                          "0", "--deterministic", "--work-dir", str(work), *opts],
+                       tmp_path / "cache")
+        assert done.returncode == 0, done.stderr
+        scored = run_cli("fastunet.test", ["--config", "synthetic", "--checkpoint",
+                                           str(work / "latest.pth"), "--deterministic",
+                                           "--json", str(work / "m.json"), "--save-predictions",
+                                           str(work / "pred"), *opts], tmp_path / "cache")
+        assert scored.returncode == 0, scored.stderr
+        preds = {n: (work / "pred" / n).read_bytes() for n in sorted(os.listdir(work / "pred"))}
+        metrics = __import__("json").loads((work / "m.json").read_text())["metrics"]
+        results.append((torch.load(work / "latest.pth", weights_only=False), preds, metrics))
+    (a, preds_a, metrics_a), (b, preds_b, metrics_b) = results
+    assert_same_state(a["state_dict"], b["state_dict"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert preds_a == preds_b and len(preds_a) == 2
+    assert metrics_a == metrics_b

@@ -177,3 +177,73 @@ def test_real_mmseg_checkpoint_and_training_args_load_silently(weights, tmp_path
         args = read_checkpoint(path)["meta"]["args"]
     assert isinstance(hub, OpaqueObject) and hub.name.endswith("HistoryBuffer")
     assert isinstance(args, OpaqueObject) and args.name == "argparse.Namespace"
+
+
+# ------------------------------------------------------------------------------ train / test CLIs
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory):
+    """A real 1-iteration training checkpoint of a tiny model on a tiny DRIVE-layout root."""
+    from fastunet import train as train_cli
+    from fastunet.data import write_synthetic
+    from trainkit import tiny_model
+
+    d = tmp_path_factory.mktemp("train_ckpt")
+    root = write_synthetic(d / "DRIVE", num_training=2, num_validation=1, size=(64, 64))
+    args = ["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", str(root),
+            "--batch-size", "2", "--workers", "0", "--cfg-options", *tiny_model(2)]
+    assert train_cli.main([*args, "--max-iters", "1", "--work-dir", str(d / "work")]) == 0
+    ckpt = torch.load(d / "work" / "latest.pth", weights_only=False)  # our own file: trusted
+    return ckpt, args, d
+
+
+def _poisoned(ckpt, where, payload, path):
+    ckpt = dict(ckpt, meta=dict(ckpt["meta"]), optimizer=dict(ckpt["optimizer"]))
+    if where == "meta":
+        ckpt["meta"]["note"] = payload
+    elif where == "optimizer":
+        ckpt["optimizer"]["state"] = payload
+    else:
+        ckpt["rng"] = [payload]
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("where", ["meta", "optimizer", "rng"])
+def test_train_resume_load_from_and_test_cli_never_run_it(where, payload, training_checkpoint,
+                                                          tmp_path, capsys):
+    from fastunet import test as test_cli
+    from fastunet import train as train_cli
+
+    ckpt, args, d = training_checkpoint
+    marker = tmp_path / "pwned"
+    path = _poisoned(ckpt, where, payload(str(marker)), tmp_path / "poisoned.pth")
+    cut = args.index("--cfg-options")
+    flags, opts = args[:cut], args[cut:]
+    runs = {
+        # iteration 1 of 1 done: a resume only evaluates, a load-from trains 1 iteration
+        "train --resume": lambda: train_cli.main([*flags, "--max-iters", "1", "--work-dir",
+                                                  str(tmp_path / "r"), "--resume", str(path),
+                                                  *opts]),
+        "train --load-from": lambda: train_cli.main([*flags, "--max-iters", "1", "--work-dir",
+                                                     str(tmp_path / "l"), "--load-from",
+                                                     str(path), *opts]),
+        "test": lambda: test_cli.main(["--config", args[1], "--data-root", args[3],
+                                       "--checkpoint", str(path), *opts]),
+    }
+    for name, run in runs.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointSecurityWarning)
+            code = run()
+        err = capsys.readouterr().err
+        assert not marker.exists(), f"{name}: the pickled payload ran"
+        assert "Traceback" not in err
+        if payload.refused:
+            assert code == 2 and "nothing was executed" in err, (name, err)
+        elif where == "meta" or name != "train --resume":
+            # a neutralised payload outside the weights is inert data: the run goes on
+            assert code == 0, (name, err)
+        else:  # the resume state itself is damaged: refused in one line
+            assert code == 2 and "cannot resume" in err and len(err.strip().splitlines()) == 1, \
+                (name, err)

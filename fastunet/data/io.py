@@ -283,6 +283,8 @@ def remove_stale_temp_files(folder):
     Returns their paths. Files of running processes, and anything else, are left alone."""
     import re
 
+    from ..runtime import pid_alive
+
     global _TMP_RE
     if _TMP_RE is None:
         _TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
@@ -290,7 +292,7 @@ def remove_stale_temp_files(folder):
     for root, _, files in os.walk(folder):
         for name in files:
             m = _TMP_RE.match(name)
-            if not m or _pid_alive(int(m.group(1))):
+            if not m or pid_alive(int(m.group(1))):
                 continue
             try:
                 os.unlink(os.path.join(root, name))
@@ -298,18 +300,6 @@ def remove_stale_temp_files(folder):
             except OSError:
                 pass
     return removed
-
-
-def _pid_alive(pid):
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's), or cannot tell: keep the file
-    return True
 
 
 def write_png(path, array, compress_level=6):

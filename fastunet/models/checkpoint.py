@@ -119,6 +119,8 @@ def _reason(e):
 def read_checkpoint(path, map_location="cpu"):
     """The checkpoint file's object, read with ``weights_only=True`` (never runs pickled code)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a .pth file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     allowed, opaque = _safe_globals_for(path)
@@ -244,7 +246,8 @@ def save_checkpoint(path, model, meta=None, **extra):
     meta.setdefault("time", time.strftime("%Y%m%d_%H%M%S"))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    # the writer's pid in the name: a file left by a killed writer can be told from a live one
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".pth", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"meta": meta, "state_dict": state, **extra}, f)
