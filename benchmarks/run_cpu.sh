@@ -20,8 +20,8 @@ step "machine"
 step "CPU benchmarks"
 # shellcheck disable=SC2086
 "$PY" -m pytest benchmarks -m "not cuda" --benchmark-only -q -s -p no:cacheprovider \
-  --benchmark-json="$OUT/bench_cpu.json" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/bench_cpu.log" \
-  | grep --line-buffered -E '^\[|passed|failed|error|Error' | cut -c1-240
+  --durations=12 --benchmark-json="$OUT/bench_cpu.json" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/bench_cpu.log" \
+  | grep --line-buffered -E '^\[|passed|failed|error|Error|^[0-9.]+s (call|setup)' | cut -c1-240
 status=${PIPESTATUS[0]}
 echo "suite took $(( $(date +%s) - T0 )) s, load average $(cut -d' ' -f1-3 /proc/loadavg)" \
   | tee -a "$OUT/bench_cpu.log"
