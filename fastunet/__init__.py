@@ -3,6 +3,14 @@
 Public names load lazily, so ``import fastunet`` stays cheap and the CLIs start fast.
 """
 import importlib
+import os
+import sys
+
+if "torch" not in sys.modules:
+    # Busy-waiting OpenMP threads make 2-thread CPU training 3-20x slower whenever another process
+    # shares the cores (measured on a shared 2-core machine); sleeping waits cost ~10-40% on an
+    # idle one. Set only when fastunet is imported before torch (the CLIs); a user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _native  # loads the native extension (torch.ops.fastunet.*) or warns once
 from . import ops

@@ -83,9 +83,11 @@ def build_parser():
         prog="python -m fastunet.predict",
         description="Segment vessels in images with a trained fastunet / mmseg checkpoint and "
                     "write masks, overlays and (optionally) probability maps as PNG.",
-        epilog="Exit status: 0 all images written; 1 some images were skipped (each reported "
-               "on stderr); 2 bad arguments, config or checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="outputs per image NAME: NAME_mask.png (vessels 255), NAME_overlay.png, and\n"
+               "with --save-probs NAME_prob.png, written atomically under --out-dir.\n\n"
+               "Exit status: 0 all images written; 1 some images were skipped (each reported\n"
+               "on stderr in one line); 2 bad arguments, config or checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS",
                    help="image files and/or folders (searched recursively for "
                         + ", ".join(IMAGE_EXTENSIONS) + ", also gzip-compressed)")
@@ -103,7 +105,7 @@ def build_parser():
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="compute precision of the network (fp16/bf16 use autocast; they are "
-                        "fast on GPUs, bf16 also on recent CPUs)")
+                        "fast on GPUs, bf16 also on recent CPUs); default fp32")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="slide: the config's overlapping windows, averaged (exactly as mmseg, "
                         "the published numbers); overlap-tile: large reflect-padded tiles with a "
@@ -111,16 +113,18 @@ def build_parser():
                         "most memory). Default: the config's test mode (slide)")
     p.add_argument("--tta", choices=("none", "h", "v", "hv"), default="none",
                    help="test-time augmentation: also predict horizontally (h), vertically (v) "
-                        "or both-ways (hv) flipped windows and average (2x / 4x the work)")
+                        "or both-ways (hv) flipped windows and average (2x / 4x the work); "
+                        "default none")
     p.add_argument("--window-batch", type=int, default=None, metavar="N",
                    help="windows per forward pass (default: sized from free memory)")
     p.add_argument("--gaussian", action="store_true",
                    help="weight window pixels by a Gaussian (sigma = window/8) instead of the "
                         "plain average (slide / overlap-tile)")
     p.add_argument("--tile-size", type=int, default=1024,
-                   help="overlap-tile: input tile size in pixels (a multiple of 16)")
+                   help="overlap-tile: input tile size in pixels, a multiple of 16 (default 1024)")
     p.add_argument("--margin", type=int, default=32,
-                   help="overlap-tile: context margin in pixels cropped from each tile")
+                   help="overlap-tile: context margin in pixels cropped from each tile "
+                        "(default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -166,3 +166,41 @@ def test_public_names():
     assert fastunet.build_segmentor is build_segmentor
     assert fastunet.get_config is get_config
     assert fastunet.models.UNet is fastunet.models.unet.UNet
+
+
+def test_weights_version_tracks_training_steps_loads_and_mode():
+    # The inference engine recaptures its CUDA graphs when this changes (graphs replay the
+    # weights of their capture), so every way weights change must change it.
+    model = tiny().eval()
+    v0 = model.weights_version()
+    assert model.weights_version() == v0
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    assert model.weights_version() != v0
+    x = torch.randn(2, 3, 32, 32)
+    label = torch.randint(0, 2, (2, 32, 32))
+    sum(model.loss(x, label).values()).backward()
+    v1 = model.weights_version()
+    sgd.step()
+    assert model.weights_version() != v1
+    v2 = model.weights_version()
+    model.load_state_dict(tiny().state_dict())
+    assert model.weights_version() != v2
+
+
+@pytest.mark.cuda
+def test_cuda_graph_inference_sees_weights_trained_after_capture():
+    torch.manual_seed(0)
+    model = tiny().cuda().eval()
+    x = torch.randn(1, 3, 97, 131, device="cuda")
+    for _ in range(3):  # the engine captures a graph once a window shape repeats
+        model.inference(x, cuda_graphs=True)
+    model.train()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    label = torch.randint(0, 2, (2, 64, 64), device="cuda")
+    sum(model.loss(torch.randn(2, 3, 64, 64, device="cuda"), label).values()).backward()
+    sgd.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model.slide_inference_reference(x, 64, 42)
+    torch.testing.assert_close(model.inference(x, cuda_graphs=True), expected, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,9 @@
 // CUDA kernels of the fused Conv-BN-ReLU ops.
 //
-// Inference: conv_bias_relu asks cuDNN for its fused conv-bias-ReLU (at::cudnn_convolution_relu)
-// and falls back to ATen's convolution + in-place ReLU where cuDNN has no engine for the case.
+// Inference: conv_bias_relu runs ATen's convolution (cuDNN, bias included) and an in-place ReLU.
+// cuDNN's fused conv-bias-ReLU (at::cudnn_convolution_relu) measured 2.5-3.4x slower than the
+// convolution alone on an H100 (benchmarks/results/h100-20261127, fp16/bf16, both layouts), so it
+// is only tried when FASTUNET_CUDNN_FUSED_CONV=1, for re-measuring on other GPUs/cuDNN versions.
 // Training: per-channel reductions run in two launches, a partial kernel (blocks = channel tiles
 // x splits of the N*H*W values, Welford or plain sums in float, block-level tree merge in shared
 // memory) and a merge kernel (one thread per channel, splits merged in order), so results are
@@ -19,7 +21,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "common/bn_relu.h"
 #include "common/bn_relu_args.h"
@@ -35,9 +39,18 @@ constexpr int kTileR = 8;      // ... x 8 rows
 // ---------------------------------------------------------------------------------------------
 // conv_bias_relu
 
+bool cudnn_fused_conv_requested() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTUNET_CUDNN_FUSED_CONV");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
 bool cudnn_fusable(const at::Tensor& input, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias) {
   const auto t = input.scalar_type();
+  if (!cudnn_fused_conv_requested()) return false;
   if (!at::globalContext().userEnabledCuDNN() || input.numel() == 0) return false;
   if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return false;
   if (weight.scalar_type() != t) return false;

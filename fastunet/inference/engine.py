@@ -20,6 +20,12 @@ size is not a multiple of 16; ``whole`` on any size not a multiple of 16) are ze
 bottom/right to the next multiple of 16 and the result cropped back; mmseg raises an error in
 exactly these cases, so everywhere mmseg runs, ``slide`` matches it.
 
+The first call for a window shape runs fn on one and two probe windows (classes, output shape
+and, on CUDA, activation memory per window, for which it resets the device's peak-memory
+statistics); later calls reuse that. Inference runs under ``torch.no_grad()``; call it with the
+model in eval mode, as mmseg does (windows share batches here, so BN in training mode would not
+behave as in one-window forwards).
+
 When the window logits of a whole image do not fit in free memory, window rows are processed in
 bands whose sums are accumulated in an output on the CPU (or on the device if it fits there),
 then divided by the coverage: same result up to float rounding, bounded device memory.
@@ -229,6 +235,9 @@ class InferenceEngine:
         one-off sizes pay nothing; True: capture at once; False: never. On an H100 it gave 1.6x
         (DRIVE slide fp32) and 1.4-1.5x (overlap-tile / whole bf16); up to MAX_CUDA_GRAPHS are
         kept, each holding its batch's activation memory.
+    state_version: optional callable returning a hashable summary of the weights fn uses
+        (e.g. parameter versions); captured CUDA graphs replay the weights of their capture, so
+        they are dropped whenever it changes (the segmentor passes one).
     compile: wrap fn in torch.compile(dynamic=False) (first call compiles; off by default).
     memory_fraction: share of the free memory the engine plans to use.
     """
@@ -236,7 +245,8 @@ class InferenceEngine:
     def __init__(self, fn, mode="slide", crop_size=None, stride=None, *, tile_size=1024,
                  margin=32, size_divisor=16, window_batch=None, precision="fp32",
                  channels_last=False, gaussian=False, tta=None, output_device=None,
-                 band_rows=None, cuda_graphs=None, compile=False, memory_fraction=0.7):
+                 band_rows=None, cuda_graphs=None, compile=False, memory_fraction=0.7,
+                 state_version=None):
         if not callable(fn):
             raise TypeError(f"fn must be a callable mapping windows to logits, got {type(fn)}")
         if mode not in MODES:
@@ -284,6 +294,8 @@ class InferenceEngine:
         self._probes = {}   # (device, window, dtype) -> (classes, bytes per window, fixed bytes)
         self._graphs = {}   # (device, batch shape, dtype) -> _GraphedCall, LRU order
         self._shapes_seen = set()
+        self.state_version = state_version
+        self._graph_version = None  # state_version() when the kept graphs were captured
         self.last_schedule = None  # what the last call chose: window batch, bands, output device
 
     # ------------------------------------------------------------------ geometry
@@ -321,6 +333,11 @@ class InferenceEngine:
     def _batch_call(self, windows):
         if self.cuda_graphs is False or not windows.is_cuda:
             return self._call(windows)
+        if self.state_version is not None:
+            version = self.state_version()
+            if version != self._graph_version:  # weights changed since capture: recapture
+                self._graphs.clear()
+                self._graph_version = version
         key = (windows.device, tuple(windows.shape), windows.dtype)
         graphed = self._graphs.pop(key, None)
         if graphed is None:

@@ -115,8 +115,17 @@ class EncoderDecoder(nn.Module):
         key = (mode, crop, step, tuple(sorted(options.items())))
         engines = self.__dict__.setdefault("_inference_engines", {})
         if key not in engines:
-            engines[key] = InferenceEngine(self.encode_decode, mode, crop, step, **options)
+            engines[key] = InferenceEngine(self.encode_decode, mode, crop, step,
+                                           state_version=self.weights_version, **options)
         return engines[key]
+
+    def weights_version(self):
+        """Changes whenever a parameter or buffer is updated in place or replaced, or a module
+        switches train/eval: the engine's CUDA graphs (which replay the weights, and the folded
+        Conv-BN weights, of their capture) are recaptured then."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return (tuple((t.data_ptr(), t._version) for t in tensors),
+                tuple(m.training for m in self.modules()))
 
     def slide_inference(self, x, crop_size, stride, **options):
         """``slide`` mode through :class:`fastunet.inference.InferenceEngine`: windows in

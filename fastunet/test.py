@@ -1,0 +1,142 @@
+"""Evaluate a checkpoint on a dataset's validation split: mmseg's per-class table and summary.
+
+    python -m fastunet.test --config fcn_unet_s5-d16_64x64_40k_drive \\
+        --checkpoint work_dirs/fcn_unet_s5-d16_64x64_40k_drive/latest.pth --data-root data/DRIVE
+    python -m fastunet.test --config unet-s5-d16_fcn_4xb4-40k_drive-64x64 \\
+        --checkpoint fcn_unet_s5-d16_64x64_40k_drive_20201223_191051-5daf6d3b.pth  # mmseg's file
+    python -m fastunet.test --config synthetic --checkpoint work_dirs/synthetic/latest.pth \\
+        --fov --json results.json --save-predictions preds/
+
+Images are predicted at native resolution in the config's test mode (``slide`` for the published
+configs, as mmseg) or ``--mode``; metrics are pooled over all validation pixels (label 255
+ignored; ``--fov`` also ignores pixels outside the field-of-view mask, as papers often score).
+Runs under torchrun too (images shared among the processes).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+__all__ = ["main", "build_parser", "run_test"]
+
+PROG = "python -m fastunet.test"
+
+
+def build_parser():
+    """The argument parser of ``python -m fastunet.test``."""
+    from .training.evaluation import TEST_MODES
+
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score a trained model (a fastunet or mmseg checkpoint) on the validation\n"
+                    "split of its dataset and print the per-class and summary tables.",
+        epilog="examples:\n" + __doc__.split("\n\n")[1])
+    p.add_argument("--config", required=True,
+                   help="config name (or mmseg 1.x config file name) the model was trained with")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file: fastunet's (work_dirs/...) or mmseg's")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="converted dataset folder (default: the config's data/<DATASET>; "
+                        "optional for synthetic)")
+    p.add_argument("--mode", choices=TEST_MODES,
+                   help="inference mode (default: the config's; slide for published configs)")
+    p.add_argument("--fov", action="store_true",
+                   help="score only pixels inside the field-of-view masks")
+    p.add_argument("--save-predictions", metavar="DIR",
+                   help="write each prediction as DIR/<name>.png (vessel 255, background 0)")
+    p.add_argument("--json", metavar="PATH", help="write the metrics as JSON to PATH")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config entries, e.g. model.test_cfg.stride=(32,32)")
+    return p
+
+
+def main(argv=None):
+    """Entry point of ``python -m fastunet.test`` and ``fastunet-test``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from .training.cli import UserError, fail
+    try:
+        run_test(args)
+    except UserError as e:
+        return fail(PROG, e)
+    except KeyboardInterrupt:
+        return fail(PROG, "interrupted", code=130)
+    return 0
+
+
+def run_test(args):
+    """Evaluate as ``args`` say; prints the tables and returns the metrics dict."""
+    from .models import build_segmentor, load_checkpoint
+    from .training import cli, data as tdata, distributed
+    from .training.evaluation import evaluate
+
+    cfg = cli.load_config(args.config, args.cfg_options)
+    try:
+        dist_info = distributed.init(args.device)
+    except RuntimeError as e:
+        raise cli.UserError(str(e)) from None
+    try:
+        val_set = tdata.build_split(cfg["data"], "validation", args.data_root)
+    except (tdata.DataRootError, FileNotFoundError, ValueError) as e:
+        raise cli.UserError(str(e).splitlines()[0]) from None
+    if not os.path.isfile(args.checkpoint):
+        raise cli.UserError(f"checkpoint {args.checkpoint} not found")
+    try:
+        model = build_segmentor(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise cli.UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
+    try:
+        meta = load_checkpoint(model, args.checkpoint)
+    except (ValueError, RuntimeError) as e:
+        raise cli.UserError(str(e).splitlines()[0]) from None
+    model.to(dist_info.device).eval()
+    model.to(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and GPU (cuDNN)
+    mode = args.mode or model.test_cfg.get("mode", "whole")
+    if dist_info.is_main:
+        it = meta.get("iteration", meta.get("iter"))
+        print(f"fastunet.test: {cfg['name']} | checkpoint {args.checkpoint}"
+              + (f" (iteration {it})" if it is not None else "")
+              + f" | {len(val_set)} validation images | mode {mode}"
+              + (" | FOV only" if args.fov else "") + f" | device {dist_info.device}",
+              flush=True)
+    progress = None
+    if dist_info.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=-(-len(val_set) // dist_info.world_size), unit="img", leave=False)
+        progress = lambda done, total: bar.update(done - bar.n)
+    try:
+        metric, seconds = evaluate(model, val_set, dist_info.device, mode=args.mode,
+                                   use_fov=args.fov, rank=dist_info.rank,
+                                   world_size=dist_info.world_size,
+                                   save_dir=args.save_predictions, progress=progress)
+    except ValueError as e:
+        raise cli.UserError(str(e).splitlines()[0]) from None
+    metrics = metric.compute()
+    if dist_info.is_main:
+        print(metric.table())
+        print(f"vessel Dice {metrics['vessel_dice']:.2f} | mDice {metrics['mDice']:.2f} | "
+              f"mIoU {metrics['mIoU']:.2f} | aAcc {metrics['aAcc']:.2f} | "
+              f"{len(val_set)} images in {seconds:.1f} s")
+        if args.save_predictions:
+            print(f"predictions: {args.save_predictions}")
+        if args.json:
+            record = {"config": cfg["name"], "checkpoint": os.path.abspath(args.checkpoint),
+                      "mode": mode, "fov": bool(args.fov), "num_images": len(val_set),
+                      "seconds": seconds, "device": str(dist_info.device),
+                      "time": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
+            folder = os.path.dirname(os.path.abspath(args.json))
+            os.makedirs(folder, exist_ok=True)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(tmp, args.json)
+            print(f"json: {args.json}")
+    distributed.shutdown()
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Evaluation shared by ``fastunet.train`` and ``fastunet.test``: predict, score, draw.
+
+Each image is normalised, predicted at native resolution by ``model.inference`` (the config's
+test mode, or the one asked for), and scored with :class:`fastunet.metrics.SegMetric` pooled over
+the whole set (optionally only inside the field of view). Under torchrun each rank predicts every
+world_size-th image and the pixel counts are summed over ranks, so every rank ends with the
+metrics of the whole set.
+"""
+import os
+import time
+
+import numpy as np
+import torch
+
+from ..data.io import write_png
+from ..data.transforms import normalize
+from ..metrics import SegMetric
+from . import distributed
+
+__all__ = ["evaluate", "predict_logits", "error_overlay", "TEST_MODES"]
+
+TEST_MODES = ("slide", "whole", "overlap-tile")
+
+
+def predict_logits(model, x, mode=None, **options):
+    """Logits (N, C, H, W) of normalised images in the config's test mode or ``mode``.
+
+    ``options`` go to the inference engine (:class:`fastunet.inference.InferenceEngine`:
+    channels_last, cuda_graphs, precision, ...).
+    """
+    cfg_mode = model.test_cfg.get("mode", "whole")
+    if mode is None or mode == cfg_mode:
+        return model.inference(x, **options)
+    if mode == "whole":
+        return model.whole_inference(x, **options)
+    if mode == "slide":
+        if "crop_size" not in model.test_cfg or "stride" not in model.test_cfg:
+            raise ValueError("--mode slide needs model.test_cfg crop_size and stride in the "
+                             "config")
+        return model.slide_inference(x, model.test_cfg["crop_size"], model.test_cfg["stride"],
+                                     **options)
+    if mode == "overlap-tile":
+        from ..inference.engine import InferenceEngine
+
+        key = tuple(sorted(options.items()))
+        engines = model.__dict__.setdefault("_overlap_tile_engines", {})
+        if key not in engines:  # kept, so the engine's batch-size probe runs once
+            engines[key] = InferenceEngine(
+                model.encode_decode, "overlap-tile",
+                size_divisor=getattr(model.backbone, "downsample_rate", 16), **options)
+        return engines[key](x)
+    raise ValueError(f"unknown test mode {mode!r}; choose one of {', '.join(TEST_MODES)}")
+
+
+def error_overlay(rgb, pred, label, fov=None):
+    """Image | prediction side by side: vessels found (green), missed (blue), false (red).
+
+    rgb: HxWx3 uint8; pred, label: HxW class maps (1 = vessel, 255 in label = ignored).
+    """
+    pred, label = np.asarray(pred) == 1, np.asarray(label)
+    valid = label != 255
+    if fov is not None:
+        valid &= np.asarray(fov, bool)
+    truth = (label == 1) & valid
+    base = (rgb.astype(np.float32) * 0.55).astype(np.uint8)
+    out = base.copy()
+    out[pred & truth] = (40, 220, 40)
+    out[pred & ~truth & valid] = (235, 45, 45)
+    out[~pred & truth] = (60, 120, 255)
+    gap = np.full((rgb.shape[0], 6, 3), 255, np.uint8)
+    return np.concatenate([rgb, gap, out], axis=1)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, mode=None, use_fov=False, rank=0, world_size=1,
+             save_dir=None, overlay_path=None, overlay_index=0, progress=None,
+             weights_change=False):
+    """Score ``model`` on ``dataset`` (items dict(img, label, name, fov)); returns
+    (SegMetric summed over ranks, seconds). ``save_dir``: write each prediction as
+    ``<name>.png`` (vessel 255, background 0). ``overlay_path``: write :func:`error_overlay` of
+    item ``overlay_index`` (by the rank that predicts it). ``progress``: a callable(done, total).
+    ``weights_change``: the model will be trained further (evaluation during training): no CUDA
+    graphs, which would keep replaying the folded weights of their capture.
+    """
+    was_training = model.training
+    model.eval()
+    metric = SegMetric(num_classes=model.num_classes,
+                       class_names=getattr(dataset, "CLASSES", None)
+                       if len(getattr(dataset, "CLASSES", ())) == model.num_classes else None)
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    channels_last = weight is not None and not weight.is_contiguous() and weight.is_contiguous(
+        memory_format=torch.channels_last)
+    options = {"channels_last": channels_last}
+    if weights_change:
+        options["cuda_graphs"] = False
+    t0 = time.perf_counter()
+    mine = list(range(rank, len(dataset), world_size))
+    for done, i in enumerate(mine, 1):
+        item = dataset[i]
+        x = normalize(item["img"])[None].to(device)
+        pred = predict_logits(model, x, mode, **options).argmax(1)[0].cpu().numpy().astype(
+            np.uint8)
+        fov = item.get("fov") if use_fov else None
+        if use_fov and fov is None:
+            raise ValueError(f"--fov: image {item.get('name', i)} has no field-of-view mask "
+                             f"(only DRIVE, synthetic and HRF with masks provide one)")
+        metric.update(pred, item["label"], fov=fov)
+        if save_dir is not None:
+            os.makedirs(save_dir, exist_ok=True)
+            write_png(os.path.join(save_dir, f"{item.get('name', i)}.png"),
+                      (pred == 1).astype(np.uint8) * 255)
+        if overlay_path is not None and i == overlay_index:
+            os.makedirs(os.path.dirname(os.path.abspath(overlay_path)), exist_ok=True)
+            write_png(overlay_path, error_overlay(item["img"], pred, item["label"], fov))
+        if progress is not None:
+            progress(done, len(mine))
+    if world_size > 1:
+        counts = torch.from_numpy(metric._cm.copy())  # SegMetric's pooled confusion matrix
+        if device.type == "cuda":  # NCCL reduces device tensors only
+            counts = counts.to(device)
+        distributed.all_reduce_sum(counts)
+        metric._cm = counts.cpu().numpy()
+        metric.num_images = len(dataset)
+    model.train(was_training)
+    return metric, time.perf_counter() - t0
