@@ -10,6 +10,8 @@ The network is UNet-S5-D16 + FCN head (fcn_unet_s5-d16_64x64_40k_drive, 64x64 wi
   over the step minus what is allocated before it: weights, grads, optimizer state) and step
   time, fused vs unfused.
 - CUDA inference, fp16/bf16: a fused block vs cuDNN's convolution alone.
+Shared conventions (benchmarks/_harness.py): speedup_vs_reference = unfused time / fused time;
+gflop, tflops and peak_fraction against the session's measured matmul/conv peak.
 """
 import copy
 import time
@@ -19,8 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import _harness
 import fastunet
 from fastunet.nn import ConvBNReLU
+
+REFERENCE = "unfused modules (conv -> BN -> ReLU, FASTUNET_FUSED=0)"
 
 HAS_CUDA = torch.cuda.is_available() and fastunet._native.has_cuda_kernels()
 
@@ -83,7 +88,7 @@ def conv_only(model, x):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cpu_inference_unet(benchmark, layout):
+def test_cpu_inference_unet(benchmark, machine_peaks, layout):
     torch.manual_seed(0)
     model, name = build_model()
     model.eval()
@@ -114,6 +119,9 @@ def test_cpu_inference_unet(benchmark, layout):
         fused_s=t_fused, unfused_s=t_unfused, conv_only_s=t_conv,
         fused_vs_unfused=t_fused / t_unfused, fused_vs_conv_only=t_fused / t_conv,
         max_rel_diff=rel)
+    _harness.record(benchmark, "cpu", seconds=t_fused, reference_s=t_unfused, reference=REFERENCE,
+                    flops=x.shape[0] * _harness.window_flops(name, 64, 64),
+                    peaks=machine_peaks("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +160,7 @@ def train_step_stats(model, batch, steps=5):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and fastunet's CUDA kernels")
 @pytest.mark.parametrize("batch", [4, 16])
-def test_cuda_train_step_amp_bf16(benchmark, batch):
+def test_cuda_train_step_amp_bf16(benchmark, machine_peaks, batch):
     torch.manual_seed(0)
     model, name = build_model()
     fused = model.cuda().train()
@@ -165,13 +173,16 @@ def test_cuda_train_step_amp_bf16(benchmark, batch):
         peak_activation_mib_fused=mem_f / 2**20, peak_activation_mib_unfused=mem_u / 2**20,
         peak_activation_ratio=mem_f / mem_u, step_s_fused=t_f, step_s_unfused=t_u,
         step_time_ratio=t_f / t_u)
+    _harness.record(benchmark, "cuda", seconds=t_f, reference_s=t_u, reference=REFERENCE,
+                    flops=_harness.train_step_flops(name, batch, 64, 64), precision="bf16",
+                    peaks=machine_peaks("cuda"))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and fastunet's CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cuda_inference_block_vs_cudnn_conv(benchmark, dtype, layout):
+def test_cuda_inference_block_vs_cudnn_conv(benchmark, machine_peaks, dtype, layout):
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     block = ConvBNReLU(64, 64, 3, padding=1).cuda().to(dtype).eval()
@@ -203,3 +214,7 @@ def test_cuda_inference_block_vs_cudnn_conv(benchmark, dtype, layout):
         device=torch.cuda.get_device_name(), dtype=str(dtype), layout=layout, fused_s=t_f,
         unfused_s=t_u, conv_only_s=t_conv, fused_vs_conv_only=t_f / t_conv,
         fused_vs_unfused=t_f / t_u, max_abs_diff=err)
+    _harness.record(benchmark, "cuda", seconds=t_f, reference_s=t_u, reference=REFERENCE,
+                    flops=2 * x.shape[0] * 64 * 64 * 9 * x.shape[2] * x.shape[3],
+                    precision="fp16" if dtype == torch.float16 else "bf16",
+                    peaks=machine_peaks("cuda"))

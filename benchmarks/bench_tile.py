@@ -7,14 +7,13 @@ Bound: the op must read every window element once and write the output once. The
 bandwidth is measured with a ``copy_`` of the window tensor into a preallocated buffer (reads and
 writes the same number of bytes); bound_s = (window bytes + output bytes) / that bandwidth.
 """
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastunet import _native, ops
 from fastunet.ops import tile_reference as ref
+from _harness import best_of, sync  # noqa: E402  (benchmarks/ is on sys.path under pytest)
 
 # (name, H, W, window, stride): DRIVE and HRF grids of SPEC §1 with 2-class logits
 CASES = [("drive", 584, 565, 64, 42), ("hrf", 2336, 3504, 256, 170)]
@@ -22,22 +21,6 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
     pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available()
                                               and _native.has_cuda_kernels()),
                                          reason="needs a CUDA GPU and fastunet's CUDA kernels")])]
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _best_of(fn, rounds, device="cpu"):
-    best = float("inf")
-    for _ in range(rounds):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def pad_and_add(tiles, height, width, stride):
@@ -66,14 +49,14 @@ def test_tile_aggregate(benchmark, device, name, H, W, win, stride):
     benchmark.pedantic(sync_run, rounds=7, warmup_rounds=2)
     t_op = benchmark.stats.stats.min
     buf = torch.empty_like(tiles)
-    t_copy = _best_of(lambda: buf.copy_(tiles), 7, device)
+    t_copy = best_of(lambda: buf.copy_(tiles), 7, device)
     bandwidth = 2 * tiles.nbytes / t_copy
     bound = (tiles.nbytes + out.nbytes) / bandwidth
-    t_pad = _best_of(lambda: pad_and_add(tiles, H, W, stride), 1 if name == "hrf" else 3, device)
-    t_loop = _best_of(lambda: ref.tile_aggregate(tiles, 1, H, W, stride, stride), 2, device)
-    t_softmax = _best_of(lambda: ops.tile_aggregate(tiles, 1, H, W, stride, epilogue="softmax"),
+    t_pad = best_of(lambda: pad_and_add(tiles, H, W, stride), 1 if name == "hrf" else 3, device)
+    t_loop = best_of(lambda: ref.tile_aggregate(tiles, 1, H, W, stride, stride), 2, device)
+    t_softmax = best_of(lambda: ops.tile_aggregate(tiles, 1, H, W, stride, epilogue="softmax"),
                          5, device)
-    t_argmax = _best_of(lambda: ops.tile_aggregate(tiles, 1, H, W, stride, epilogue="argmax"),
+    t_argmax = best_of(lambda: ops.tile_aggregate(tiles, 1, H, W, stride, epilogue="argmax"),
                         5, device)
     info = dict(windows=n, threads=torch.get_num_threads(), op_ms=1e3 * t_op,
                 copy_ms=1e3 * t_copy, bandwidth_GBps=bandwidth / 1e9, bound_ms=1e3 * bound,

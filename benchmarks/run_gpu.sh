@@ -2,17 +2,36 @@
 # One-shot check for a lent GPU machine (no internet; torch with CUDA, nvcc, pytest,
 # pytest-benchmark there). Builds the extension for the present GPU, runs the CUDA tests and the
 # GPU benchmarks, and writes results named by device to $OUT (or benchmarks/results/gpu-<date>/).
-# Every step streams into its own file, so a run cut off by its time limit still tells something.
+# Every step streams into its own file, so a run cut off by its time limit still tells something;
+# each step's time limit is capped so that the whole run ends within TOTAL_S (default 420 s), and
+# benchmarks are stopped with SIGINT, which still writes the JSON of the finished cases.
 #
-#   OUT=/some/dir bash benchmarks/run_gpu.sh        # env: PYTHON, MAX_JOBS, TEST_TIMEOUT, BENCH_TIMEOUT
+#   OUT=/some/dir bash benchmarks/run_gpu.sh
+#   env: PYTHON, MAX_JOBS, TOTAL_S, TEST_TIMEOUT (120), BENCH_TIMEOUT (90), CONFIGS_TIMEOUT (140)
+#
+# Files (7, one folder): device.json, build.log, cuda_tests.log, bench_gpu.log, bench_gpu.json
+# (kernels, tiles, inference, training), bench_gpu_configs.json (every published config and
+# inference mode), summary.md (benchmarks/report.py --summary). Afterwards, in the repository:
+# copy the folder to benchmarks/results/<gpu>-<date>/ and run python benchmarks/report.py
+# --write-readme.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}
 PY=${PYTHON:-python3}
+TOTAL_S=${TOTAL_S:-420}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 step() { echo "=== [+$(( $(date +%s) - T0 ))s] $*"; }
+# limit WANT RESERVE: WANT seconds, or less so that RESERVE seconds stay for the later steps
+limit() {
+  local left=$(( T0 + TOTAL_S - $(date +%s) - $2 ))
+  local want=$1
+  (( left < want )) && want=$left
+  (( want < 15 )) && want=15
+  echo "$want"
+}
+progress() { grep --line-buffered -E '^\[|passed|failed|error|Error' | cut -c1-240; }
 
 step "device"
 "$PY" - > "$OUT/device.json" <<'PY'
@@ -36,30 +55,24 @@ fi
 "$PY" -m fastunet | tee -a "$OUT/build.log"
 
 step "CUDA tests"
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -rf \
-  2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+timeout -k 10 "$(limit "${TEST_TIMEOUT:-120}" 240)" "$PY" -m pytest tests -m cuda -q \
+  -p no:cacheprovider -rf 2>&1 | tee "$OUT/cuda_tests.log" | grep --line-buffered -v "^ *$" \
+  | tail -n 25
 test_status=${PIPESTATUS[0]}
 
-step "GPU benchmarks"
-timeout "${BENCH_TIMEOUT:-240}" "$PY" -m pytest benchmarks -m cuda --benchmark-only -q -s \
-  -p no:cacheprovider --benchmark-json="$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" \
-  | grep -v "^ *$" | tail -40
+step "GPU benchmarks: kernels, tiles, inference, training"
+timeout -s INT -k 15 "$(limit "${BENCH_TIMEOUT:-90}" 150)" "$PY" -m pytest benchmarks -m cuda \
+  --ignore=benchmarks/bench_configs.py --benchmark-only -q -s -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | progress
 bench_status=${PIPESTATUS[0]}
 
+step "GPU benchmarks: every published config and inference mode"
+timeout -s INT -k 15 "$(limit "${CONFIGS_TIMEOUT:-140}" 10)" "$PY" -m pytest \
+  benchmarks/bench_configs.py -m cuda --benchmark-only -q -s -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_gpu_configs.json" 2>&1 | tee -a "$OUT/bench_gpu.log" | progress
+configs_status=${PIPESTATUS[0]}
+
 step "summary"
-"$PY" - "$OUT" <<'PY' | tee "$OUT/summary.md"
-import json, os, sys
-out = sys.argv[1]
-dev = json.load(open(os.path.join(out, "device.json")))
-print(f"# GPU results: {dev['device']} (torch {dev['torch']}, CUDA {dev['cuda']}, {dev['date']})\n")
-path = os.path.join(out, "bench_gpu.json")
-if not os.path.exists(path):
-    print("no benchmark JSON (benchmarks did not finish)"); sys.exit()
-print("| benchmark | median ms | details |\n|---|---|---|")
-for b in json.load(open(path))["benchmarks"]:
-    info = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in b.get("extra_info", {}).items() if k != "device")
-    print(f"| {b['name']} | {b['stats']['median'] * 1e3:.3f} | {info} |")
-PY
-step "done (tests exit $test_status, benchmarks exit $bench_status)"
-[ "$test_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+"$PY" benchmarks/report.py --summary "$OUT" | tee "$OUT/summary.md" | head -n 80
+step "done (tests exit $test_status, benchmarks exit $bench_status, configs exit $configs_status)"
+[ "$test_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$configs_status" -eq 0 ]

@@ -51,17 +51,13 @@ import os  # noqa: E402
 
 from fastunet import _native  # noqa: E402
 from fastunet.ops import recompute  # noqa: E402
+from fused_helpers import saved_bytes  # noqa: E402
 
 needs_native = pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32_on_cuda():
-    """fp32 comparisons on CUDA need real fp32 convolutions, not TF32 (the default for cuDNN)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+# fp32 comparisons on CUDA without TF32 (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("exact_fp32_on_cuda")
 
 # (in, out, kernel, padding, dilation, stride): the model's conv geometries
 GEOMS = [(3, 8, 3, 1, 1, 1), (8, 8, 1, 0, 1, 1), (8, 4, 3, 12, 12, 1), (8, 4, 3, 24, 24, 1),
@@ -291,20 +287,6 @@ def test_state_dict_unchanged_by_fused_switch():
 
 # ------------------------------------------------------------------------------------------
 # Memory: saved activations of fused vs unfused blocks
-
-
-def saved_bytes(fn):
-    """Bytes of distinct storages autograd saves while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 @needs_native

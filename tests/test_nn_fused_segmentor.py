@@ -1,5 +1,4 @@
 """The fused kernels on the real segmentor: fuse() for inference, the lean training path."""
-import copy
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import fastunet
 from fastunet import _native
 from fastunet.models import apply_overrides, build_segmentor, get_config
 from fastunet.nn import ConvBNReLU
+from fused_helpers import saved_bytes, unfused
 
 needs_native = pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
 
@@ -28,14 +28,6 @@ def segmentor(name="fcn_unet_s5-d16_64x64_40k_drive", base=64):
     return model
 
 
-def unfused(model):
-    plain = copy.deepcopy(model)
-    for m in plain.modules():
-        if isinstance(m, ConvBNReLU):
-            m.fused = False
-    return plain
-
-
 @pytest.mark.parametrize("name, base", [("fcn_unet_s5-d16_64x64_40k_drive", 64),
                                         ("pspnet_unet_s5-d16_64x64_40k_drive", 16),
                                         ("deeplabv3_unet_s5-d16_64x64_40k_drive", 16)],
@@ -53,22 +45,6 @@ def test_fuse_full_segmentor_matches_unfused(name, base):
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-def saved_bytes(model, fn):
-    """Bytes of distinct storages autograd saves while fn() runs, parameters excluded."""
-    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
-
-
 @needs_native
 def test_training_step_same_numbers_and_under_half_the_saved_bytes():
     model = segmentor(base=16).double().train()
@@ -81,8 +57,8 @@ def test_training_step_same_numbers_and_under_half_the_saved_bytes():
         torch.manual_seed(2)  # one dropout mask for both
         return sum(m.loss(x, label).values())
 
-    fb, lf = saved_bytes(model, lambda: loss(model))
-    pb, lp = saved_bytes(plain, lambda: loss(plain))
+    fb, lf = saved_bytes(lambda: loss(model), model)
+    pb, lp = saved_bytes(lambda: loss(plain), plain)
     assert fb / pb < 0.5, (fb, pb)  # about 0.4 (UNet-S5-D16 + FCN, fp32 or fp64)
     torch.testing.assert_close(lf, lp)
     params = [p for p in model.parameters() if p.requires_grad]

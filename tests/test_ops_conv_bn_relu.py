@@ -10,13 +10,8 @@ from fastunet.ops import conv_bn_relu_reference as ref
 needs_native = pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32_on_cuda():
-    """fp32 comparisons on CUDA need real fp32 convolutions, not TF32 (the default for cuDNN)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+# fp32 comparisons on CUDA without TF32 (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("exact_fp32_on_cuda")
 
 # (N, C, H, W): odd sizes, batch 1, 1x1 spatial with a batch, a UNet-like 64-channel map
 SHAPES = [(2, 5, 7, 9), (1, 3, 13, 11), (4, 6, 1, 1), (2, 64, 16, 16)]

@@ -1,5 +1,4 @@
 """Activation recipes: a U-Net-shaped net keeps far fewer bytes and gets the same gradients."""
-import copy
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.nn as nn
 from fastunet import _native
 from fastunet.nn import ConvBNReLU, MaxPool2d
 from fastunet.ops import recompute
+from fused_helpers import saved_bytes, unfused
 
 pytestmark = pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
 
@@ -37,30 +37,6 @@ class MiniUNet(nn.Module):
         return self.conv_seg(self.dropout(self.head(y)))
 
 
-def unfused(model):
-    plain = copy.deepcopy(model)
-    for m in plain.modules():
-        if isinstance(m, ConvBNReLU):
-            m.fused = False
-    return plain
-
-
-def saved_bytes(model, fn):
-    """Bytes of distinct storages autograd saves while fn() runs, parameters excluded."""
-    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
-
-
 def run(model, x, seed=0):
     torch.manual_seed(seed)  # the same dropout mask for both models
     return model(x)
@@ -71,8 +47,8 @@ def test_unet_shape_saves_under_half_and_matches_gradients():
     fused = MiniUNet().double().train()
     plain = unfused(fused)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    fb, yf = saved_bytes(fused, lambda: run(fused, x))
-    pb, yp = saved_bytes(plain, lambda: run(plain, x))
+    fb, yf = saved_bytes(lambda: run(fused, x), fused)
+    pb, yp = saved_bytes(lambda: run(plain, x), plain)
     assert fb / pb < 0.5, (fb, pb)
     torch.testing.assert_close(yf, yp)
     g = torch.randn_like(yp)

@@ -77,6 +77,28 @@ inline void check_eps(double eps) {
   TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
 }
 
+// Validated arguments of the BN elementwise/reduction ops: the input in the op's layout, its
+// shape, and the per-channel vectors in the statistics dtype. Both backends start from this.
+struct BnArgs {
+  at::Tensor x, mean, var, gamma, beta;
+  BnShape s;
+};
+
+inline BnArgs bn_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                      const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, double eps) {
+  check_bn_input(input, "input");
+  check_eps(eps);
+  BnArgs a;
+  a.x = input.contiguous(op_memory_format(input));
+  a.s = bn_shape(a.x);
+  a.mean = channel_vector(mean, input, "mean");
+  a.var = channel_vector(var, input, "var");
+  a.gamma = channel_vector(weight, input, 1.0, "weight");
+  a.beta = channel_vector(bias, input, 0.0, "bias");
+  return a;
+}
+
 // conv_bias_relu: the geometry arguments a 2-D convolution needs.
 inline void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,

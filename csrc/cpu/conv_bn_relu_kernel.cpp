@@ -176,27 +176,6 @@ std::vector<ChannelAffine<opmath_t>> affines(const at::Tensor& mean, const at::T
   return a;
 }
 
-// Shared argument handling of the three elementwise/reduction ops.
-struct BnArgs {
-  at::Tensor x, mean, var, gamma, beta;
-  BnShape s;
-};
-
-BnArgs bn_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
-               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-               double eps) {
-  check_bn_input(input, "input");
-  check_eps(eps);
-  BnArgs a;
-  a.x = input.contiguous(op_memory_format(input));
-  a.s = bn_shape(a.x);
-  a.mean = channel_vector(mean, input, "mean");
-  a.var = channel_vector(var, input, "var");
-  a.gamma = channel_vector(weight, input, 1.0, "weight");
-  a.beta = channel_vector(bias, input, 0.0, "bias");
-  return a;
-}
-
 at::Tensor bn_relu_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                        const c10::optional<at::Tensor>& weight,
                        const c10::optional<at::Tensor>& bias, double eps, bool relu) {

@@ -279,24 +279,12 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
 // ---------------------------------------------------------------------------------------------
 // bn_relu forward and the backward pieces
 
-struct BnArgs {
-  at::Tensor x, mean, var, gamma, beta;
-  BnShape s;
-};
-
-BnArgs bn_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
-               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-               double eps) {
-  check_bn_input(input, "input");
-  check_eps(eps);
-  BnArgs a;
-  a.x = input.contiguous(op_memory_format(input));
-  a.s = bn_shape(a.x);
+// bn_args (common/bn_relu_args.h) plus the kernels' 32-bit index limit.
+BnArgs bn_args_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                    const c10::optional<at::Tensor>& weight,
+                    const c10::optional<at::Tensor>& bias, double eps) {
+  BnArgs a = bn_args(input, mean, var, weight, bias, eps);
   check_index_range(a.s);
-  a.mean = channel_vector(mean, input, "mean");
-  a.var = channel_vector(var, input, "var");
-  a.gamma = channel_vector(weight, input, 1.0, "weight");
-  a.beta = channel_vector(bias, input, 0.0, "bias");
   return a;
 }
 
@@ -333,7 +321,7 @@ at::Tensor bn_relu_cuda(const at::Tensor& input, const at::Tensor& mean, const a
                         const c10::optional<at::Tensor>& bias, double eps, bool relu) {
   TORCH_CHECK(input.is_cuda(), "bn_relu (CUDA kernel): input must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(input.device());
-  const BnArgs a = bn_args(input, mean, var, weight, bias, eps);
+  const BnArgs a = bn_args_cuda(input, mean, var, weight, bias, eps);
   at::Tensor out = at::empty_like(a.x);
   const int64_t total = out.numel();
   if (total == 0) return out;
@@ -454,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
     const c10::optional<at::Tensor>& bias, double eps, bool relu) {
   TORCH_CHECK(input.is_cuda(), "bn_relu_backward_reduce (CUDA kernel): input must be on CUDA");
   const c10::cuda::CUDAGuard guard(input.device());
-  const BnArgs a = bn_args(input, mean, var, weight, bias, eps);
+  const BnArgs a = bn_args_cuda(input, mean, var, weight, bias, eps);
   check_same_shape(grad_out, input, "grad_out", "input");
   const at::Tensor dy = grad_out.to(a.x.scalar_type()).contiguous(op_memory_format(a.x));
   auto opts = a.x.options().dtype(stats_dtype(a.x));
@@ -514,7 +502,7 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_out, const at::Ten
                                        int64_t count, double eps, bool relu) {
   TORCH_CHECK(input.is_cuda(), "bn_relu_backward_elemt (CUDA kernel): input must be on CUDA");
   const c10::cuda::CUDAGuard guard(input.device());
-  const BnArgs a = bn_args(input, mean, var, weight, bias, eps);
+  const BnArgs a = bn_args_cuda(input, mean, var, weight, bias, eps);
   check_same_shape(grad_out, input, "grad_out", "input");
   FASTUNET_CHECK_POSITIVE(count, "count");
   const at::Tensor dy = grad_out.to(a.x.scalar_type()).contiguous(op_memory_format(a.x));
