@@ -94,6 +94,20 @@ def test_predictor_twice_is_bitwise_equal(checkpoint_and_image, deterministic):
     assert np.array_equal(runs[0][1], runs[1][1])  # probabilities too, bit for bit
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_predictor_twice_is_bitwise_equal(checkpoint_and_image, deterministic, precision):
+    ckpt, _, image = checkpoint_and_image
+    big = np.tile(image, (4, 4, 1))  # several window batches
+    runs = []
+    for _ in range(2):
+        predictor = fastunet.Predictor("synthetic", ckpt, device="cuda", precision=precision)
+        runs.append([predictor.predict(big, return_probs=True) for _ in range(2)])  # 2nd: graphs
+    flat = [r for run in runs for r in run]
+    for labels, probs in flat[1:]:
+        assert np.array_equal(labels, flat[0][0]) and np.array_equal(probs, flat[0][1])
+
+
 def test_predict_cli_deterministic_twice_gives_identical_files(checkpoint_and_image, tmp_path):
     ckpt, image, _ = checkpoint_and_image
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -26,9 +26,14 @@ statistics); later calls reuse that. Inference runs under ``torch.no_grad()``; c
 model in eval mode, as mmseg does (windows share batches here, so BN in training mode would not
 behave as in one-window forwards).
 
-When the window logits of a whole image do not fit in free memory, window rows are processed in
-bands whose sums are accumulated in an output on the CPU (or on the device if it fits there),
-then divided by the coverage: same result up to float rounding, bounded device memory.
+When the working buffers of a whole image (its windows, their logits, the float aggregate) do not
+fit in free memory, or on the CPU exceed ``max_buffer_bytes`` (default 1 GiB), window rows are
+processed in bands: each band's input rows are normalised on their own (raw uint8 pixels with
+``normalize=(mean, std)``: no float copy of the image), its window sums are added to the sums
+carried from the band above, and the rows no later window touches are divided by their coverage
+and written straight into the requested outputs (uint8 labels, float probabilities, on the CPU
+when the device is short). Same result up to float rounding; memory is about the input + the
+outputs + max(max_buffer_bytes, one window row's buffers) + one window batch's activations.
 """
 import os
 import warnings

@@ -76,7 +76,10 @@ class Predictor:
     tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting. fuse: fold BN into
     the convolutions (eval only; outputs change by float rounding). channels_last: default on
     (faster convolutions on CPU and with fp16/bf16 on GPU). Other keyword arguments go to
-    ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device, ...).
+    ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device, max_buffer_bytes, ...).
+    Large images are normalised and aggregated band by band from the uint8 pixels; CPU memory
+    is about image + labels (+ 4 bytes/pixel with return_probs) + max_buffer_bytes (1 GiB) + one
+    window batch's activations.
     """
 
     def __init__(self, config, checkpoint=None, device=None, precision="fp32", mode=None, *,
