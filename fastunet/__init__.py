@@ -25,8 +25,9 @@ _LAZY = {
     "load_checkpoint": "fastunet.models.checkpoint",
     "fuse": "fastunet.nn.fuse",
     "Predictor": "fastunet.inference.predictor",
+    "set_deterministic": "fastunet.runtime",
 }
-_SUBMODULES = {"data", "inference", "metrics", "models", "nn", "ops"}
+_SUBMODULES = {"data", "inference", "metrics", "models", "nn", "ops", "runtime"}
 
 __all__ = sorted(["__version__", *_LAZY, *_SUBMODULES])
 

@@ -7,8 +7,10 @@
         healthy_manualsegm.zip glaucoma_manualsegm.zip diabetic_retinopathy_manualsegm.zip -o data/HRF
 """
 import argparse
+import os
 import sys
 
+from fastunet._cli import ArgumentParser
 from fastunet.data.converters import (CONVERTERS, MANIFEST, ConvertError, convert_dataset,
                                       read_manifest)
 
@@ -45,7 +47,7 @@ counts), 2 on a usage error.
 
 def build_parser():
     """The argument parser of ``python -m fastunet.convert``."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m fastunet.convert",
         description="Convert the original DRIVE / STARE / CHASE_DB1 / HRF archives, exactly as "
                     "distributed (zip, tar, TIFF, GIF, gzipped PPM, JPEG, PNG), into the data-root "
@@ -61,15 +63,40 @@ def build_parser():
     return p
 
 
+def _note_leftovers(out):
+    """Name the temporary roots an earlier run left behind when it was killed (SIGKILL, power
+    loss); they are hidden, never mistaken for a data root, and safe to delete."""
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    base = os.path.basename(os.path.abspath(out))
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    stale = sorted(n for n in names if n.startswith((f".{base}.converting-", f".{base}.replaced-")))
+    if stale:
+        print(f"fastunet.convert: note: {', '.join(stale)} in {parent} "
+              f"{'is' if len(stale) == 1 else 'are'} left from an interrupted run (incomplete); "
+              f"delete {'it' if len(stale) == 1 else 'them'}", file=sys.stderr)
+
+
 def main(argv=None):
     """Run the converter CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
+    _note_leftovers(args.out)
     try:
         result = convert_dataset(args.dataset, args.archives, args.out,
                                  overwrite=args.overwrite, progress=not args.quiet)
     except ConvertError as e:
         print(f"fastunet.convert: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the output side: permissions, a full disk
+        where = e.filename or args.out
+        print(f"fastunet.convert: error: cannot write {where}: {e.strerror or e}; nothing was "
+              f"changed in {args.out}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fastunet.convert: interrupted; {args.out} was not changed", file=sys.stderr)
+        return 130
     counts = read_manifest(args.out).get("counts", {})
     summary = ", ".join(f"{n} {split}" for split, n in counts.items())
     if result == "up-to-date":

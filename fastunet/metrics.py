@@ -15,6 +15,7 @@ the retinal-vessel benchmarks ("Dice"), while ``mDice`` averages background and 
 Counts are exact int64 (mmseg accumulates float32 histograms, which rounds beyond 2^24 pixels).
 """
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class SegMetric:
     def reset(self):
         """Forget everything accumulated so far."""
         self._cm = np.zeros((self.num_classes + 1, self.num_classes + 1), np.int64)
+        self._warned = False
         self.num_images = 0
 
     @staticmethod
@@ -81,6 +83,13 @@ class SegMetric:
         n = self.num_classes
         p = pred[valid].long()
         l = label[valid].long()
+        if not self._warned and l.numel() and (l.min() < 0 or l.max() >= n):
+            odd = torch.unique(l[(l < 0) | (l >= n)])[:8].tolist()
+            warnings.warn(f"SegMetric: label values {odd} are neither classes 0..{n - 1} nor "
+                          f"ignore_index {self.ignore_index}; they count as no class, as in "
+                          f"mmseg. Masks with values 0/255 need converting to 0/1 (value >= 128 "
+                          f"-> 1) first", RuntimeWarning, stacklevel=2)
+            self._warned = True
         # out-of-range values go to an extra bin n, which no class counts
         p = torch.where((p >= 0) & (p < n), p, torch.full_like(p, n))
         l = torch.where((l >= 0) & (l < n), l, torch.full_like(l, n))

@@ -8,7 +8,8 @@
 For each image NAME.EXT it writes NAME_mask.png (vessels 255, background 0), NAME_overlay.png
 (the vessels tinted green over the image) and, with --save-probs, NAME_prob.png (vessel
 probability x 255). Folders are searched recursively and their layout is kept under --out-dir.
-Files are written atomically (no partial PNG after a crash). A file that cannot be read or
+Files are written atomically (no partial PNG after a crash; temporary files a killed run left
+are deleted by the next run into the same --out-dir). A file that cannot be read or
 segmented is reported in one line and skipped; the others are still processed, and the exit
 status is 1 if any was skipped (2 for bad arguments).
 """
@@ -18,6 +19,8 @@ import sys
 import warnings
 
 import numpy as np
+
+from ._cli import ArgumentParser, add_deterministic_flag, apply_deterministic_flag, one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".webp", ".jp2")
@@ -70,23 +73,27 @@ def collect_inputs(inputs):
 
 def overlay(rgb, mask):
     """The image with the masked pixels tinted OVERLAY_COLOUR (HxWx3 uint8)."""
-    out = rgb.astype(np.float32)
-    out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * OVERLAY_COLOUR
-    return np.rint(out).astype(np.uint8)
+    out = rgb.copy()  # only the masked pixels go through float (a large image stays uint8)
+    tinted = (1 - OVERLAY_ALPHA) * rgb[mask].astype(np.float32) + OVERLAY_ALPHA * OVERLAY_COLOUR
+    out[mask] = np.rint(tinted).astype(np.uint8)
+    return out
 
 
 def build_parser():
     """The argument parser (``--help`` documents every option)."""
     from .inference.engine import MODES, PRECISIONS
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m fastunet.predict",
         description="Segment vessels in images with a trained fastunet / mmseg checkpoint and "
                     "write masks, overlays and (optionally) probability maps as PNG.",
         epilog="outputs per image NAME: NAME_mask.png (vessels 255), NAME_overlay.png, and\n"
                "with --save-probs NAME_prob.png, written atomically under --out-dir.\n\n"
                "Exit status: 0 all images written; 1 some images were skipped (each reported\n"
-               "on stderr in one line); 2 bad arguments, config or checkpoint.",
+               "on stderr in one line); 2 bad arguments, config or checkpoint; 130 interrupted.\n"
+               "Each PNG appears only once complete (written to a hidden .NAME.*.tmp file, then\n"
+               "renamed), so an interrupted run never leaves a partial output; the next run\n"
+               "into the same --out-dir deletes temporary files that a killed run left.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS",
                    help="image files and/or folders (searched recursively for "
@@ -126,6 +133,7 @@ def build_parser():
                    help="overlap-tile: context margin in pixels cropped from each tile "
                         "(default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_deterministic_flag(p)
     return p
 
 
@@ -133,36 +141,63 @@ def main(argv=None):
     """Run the CLI; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = "fastunet.predict"
     if args.window_batch is not None and args.window_batch < 1:
         parser.error(f"--window-batch must be >= 1, got {args.window_batch}")
     files, missing = collect_inputs(args.inputs)
-    for path in missing:
-        print(f"fastunet.predict: skipped {path}: no such file or folder", file=sys.stderr)
     if not files:
-        print("fastunet.predict: no images found in " + ", ".join(args.inputs), file=sys.stderr)
+        what = ("no images found: no such file or folder: " + ", ".join(missing) if missing
+                else "no images found in " + ", ".join(args.inputs))
+        print(f"{prog}: error: {what}", file=sys.stderr)
+        return 2
+    for path in missing:
+        print(f"{prog}: skipped {path}: no such file or folder", file=sys.stderr)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        print(f"{prog}: error: --out-dir {args.out_dir} exists and is not a folder",
+              file=sys.stderr)
         return 2
 
     from tqdm import tqdm
 
-    from .data.io import decode_image, write_png
+    from .data.io import decode_image, remove_stale_temp_files, write_png
     from .inference.predictor import Predictor, prefetch_files
 
+    restore = apply_deterministic_flag(args)
     try:
-        predictor = Predictor(args.config, args.checkpoint, device=args.device,
-                              precision=args.precision, mode=args.mode,
-                              window_batch=args.window_batch,
-                              tta=None if args.tta == "none" else args.tta,
-                              gaussian=args.gaussian, tile_size=args.tile_size,
-                              margin=args.margin)
-    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"fastunet.predict: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out_dir, exist_ok=True)
+        try:
+            predictor = Predictor(args.config, args.checkpoint, device=args.device,
+                                  precision=args.precision, mode=args.mode,
+                                  window_batch=args.window_batch,
+                                  tta=None if args.tta == "none" else args.tta,
+                                  gaussian=args.gaussian, tile_size=args.tile_size,
+                                  margin=args.margin)
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
+            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            # hidden .NAME.<pid>.<hex>.tmp files of an earlier run that was killed mid-write
+            remove_stale_temp_files(args.out_dir)
+        except OSError as exc:
+            print(f"{prog}: error: cannot create --out-dir {args.out_dir}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
+        return _predict_files(args, prog, predictor, files, missing, tqdm, decode_image,
+                              write_png, prefetch_files)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; outputs written so far are complete", file=sys.stderr)
+        return 130
+    finally:
+        restore()
+
+
+def _predict_files(args, prog, predictor, files, missing, tqdm, decode_image, write_png,
+                   prefetch_files):
     failed = len(missing)
     written = 0
     stems = dict(files)
     bar = tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr,
-               desc="fastunet.predict")
+               desc=prog)
     for path, data in prefetch_files([f for f, _ in files]):
         try:
             if isinstance(data, BaseException):
@@ -171,7 +206,7 @@ def main(argv=None):
                 warnings.simplefilter("always")
                 rgb = decode_image(data, str(path))
             for w in caught:
-                bar.write(f"fastunet.predict: warning: {w.message}", file=sys.stderr)
+                bar.write(f"{prog}: warning: {w.message}", file=sys.stderr)
             result = predictor.predict(rgb, return_probs=args.save_probs)
             labels, probs = result if args.save_probs else (result, None)
             out = os.path.join(args.out_dir, stems[path])
@@ -179,7 +214,8 @@ def main(argv=None):
             mask = labels > 0
             write_png(out + "_mask.png", mask.astype(np.uint8) * 255)
             if probs is not None:
-                write_png(out + "_prob.png", np.rint(probs * 255).astype(np.uint8))
+                probs *= 255  # in place: no float copies of a large image
+                write_png(out + "_prob.png", np.rint(probs, out=probs).astype(np.uint8))
             if not args.no_overlay:
                 write_png(out + "_overlay.png", overlay(rgb, mask))
             written += 1
@@ -187,14 +223,17 @@ def main(argv=None):
             raise
         except Exception as exc:  # one bad file must not stop the others
             failed += 1
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = one_line(exc)
+            if isinstance(exc, MemoryError):
+                message = ("not enough memory for this image; try --mode overlap-tile or a "
+                           "smaller --window-batch")
             if str(path) not in message:
                 message = f"{path}: {message}"
-            bar.write(f"fastunet.predict: skipped {message}", file=sys.stderr)
+            bar.write(f"{prog}: skipped {message}", file=sys.stderr)
         bar.update(1)
     bar.close()
     total = len(files) + len(missing)
-    print(f"fastunet.predict: wrote {written} of {total} images to {args.out_dir}"
+    print(f"{prog}: wrote {written} of {total} images to {args.out_dir}"
           + (f" ({failed} skipped)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 

@@ -27,9 +27,10 @@ PROG = "python -m fastunet.test"
 
 def build_parser():
     """The argument parser of ``python -m fastunet.test``."""
+    from ._cli import ArgumentParser, add_deterministic_flag
     from .training.evaluation import TEST_MODES
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Score a trained model (a fastunet or mmseg checkpoint) on the validation\n"
                     "split of its dataset and print the per-class and summary tables.",
@@ -51,19 +52,27 @@ def build_parser():
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config entries, e.g. model.test_cfg.stride=(32,32)")
+    add_deterministic_flag(p)
     return p
 
 
 def main(argv=None):
     """Entry point of ``python -m fastunet.test`` and ``fastunet-test``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from .training.cli import UserError, fail
+    from ._cli import apply_deterministic_flag
+    from .data import DatasetError, ImageReadError
+    from .training.cli import UserError, data_error_message, fail
+    restore = apply_deterministic_flag(args)
     try:
         run_test(args)
     except UserError as e:
         return fail(PROG, e)
+    except (DatasetError, ImageReadError) as e:
+        return fail(PROG, data_error_message(e), code=1)
     except KeyboardInterrupt:
         return fail(PROG, "interrupted", code=130)
+    finally:
+        restore()
     return 0
 
 
@@ -74,6 +83,13 @@ def run_test(args):
     from .training.evaluation import evaluate
 
     cfg = cli.load_config(args.config, args.cfg_options)
+    cli.check_device(args.device)
+    if args.json and os.path.isdir(args.json):
+        raise cli.UserError(f"--json {args.json} is a folder; give a file name")
+    if args.save_predictions and os.path.exists(args.save_predictions) and not os.path.isdir(
+            args.save_predictions):
+        raise cli.UserError(f"--save-predictions {args.save_predictions} exists and is not a "
+                            f"folder")
     try:
         dist_info = distributed.init(args.device)
     except RuntimeError as e:
@@ -83,7 +99,8 @@ def run_test(args):
     except (tdata.DataRootError, FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
     if not os.path.isfile(args.checkpoint):
-        raise cli.UserError(f"checkpoint {args.checkpoint} not found")
+        raise cli.UserError(f"checkpoint {args.checkpoint} "
+                            + ("is a folder" if os.path.isdir(args.checkpoint) else "not found"))
     try:
         model = build_segmentor(cfg)
     except (ValueError, TypeError, KeyError) as e:

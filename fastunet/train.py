@@ -56,7 +56,9 @@ def build_parser():
     """The argument parser of ``python -m fastunet.train``."""
     from .models.configs import list_configs
 
-    p = argparse.ArgumentParser(
+    from ._cli import ArgumentParser
+
+    p = ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(
             "Train a UNet-S5-D16 segmentor with the published mmseg recipe. With no arguments: "
@@ -103,8 +105,9 @@ def build_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (long first iterations, then faster)")
     p.add_argument("--deterministic", action="store_true",
-                   help="repeatable runs on CUDA too (deterministic algorithms; a little slower "
-                        "on GPUs); CPU runs are repeatable without it")
+                   help="repeatable runs on CUDA too (deterministic algorithms and backward "
+                        "kernels, no cuDNN autotuning; a little slower on GPUs); CPU runs are "
+                        "repeatable without it")
     p.add_argument("--log-interval", type=int, metavar="N",
                    help="iterations between log lines (default: 50, fewer for short runs)")
     return p
@@ -113,13 +116,17 @@ def build_parser():
 def main(argv=None):
     """Entry point of ``python -m fastunet.train`` and ``fastunet-train``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from .training.cli import UserError, fail
+    from .data import DatasetError, ImageReadError
+    from .training.cli import UserError, data_error_message, fail
     try:
         train(args)
     except UserError as e:
         return fail(PROG, e)
     except NonFiniteLoss as e:
         return fail(PROG, e, code=1)
+    except (DatasetError, ImageReadError) as e:  # found while reading the data, maybe mid-run
+        return fail(PROG, f"{data_error_message(e)} (fix the data, then continue with "
+                          f"--resume)", code=1)
     except KeyboardInterrupt:
         return fail(PROG, "interrupted; continue with --resume", code=130)
     return 0
@@ -164,6 +171,17 @@ def _setup(args):
         tcfg["max_iters"] = args.max_iters
     if args.batch_size is not None:
         tcfg["batch_size"] = args.batch_size
+    for name in ("workers", "log_interval"):
+        value, least = getattr(args, name), 0 if name == "workers" else 1
+        if value is not None and value < least:
+            raise cli.UserError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if not isinstance(tcfg.get("batch_size"), int) or tcfg["batch_size"] <= 0:
+        raise cli.UserError(f"batch size {tcfg.get('batch_size')!r} must be a positive multiple "
+                            f"of the number of processes")
+    cli.validate_training_config(cfg)
+    cli.check_device(args.device)
+    if args.work_dir and os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        raise cli.UserError(f"--work-dir {args.work_dir} exists and is not a folder")
     try:
         dist_info = distributed.init(args.device)
     except RuntimeError as e:
@@ -189,12 +207,17 @@ def _restore(path, model, optimizer, scaler, dist_info, cfg, log):
     try:
         ckpt = state.load_training_checkpoint(path)
         model.load_state_dict(extract_state_dict(ckpt), strict=True)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        raise UserError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
-    meta = ckpt["meta"]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+        meta = ckpt["meta"]
+        # a checkpoint from elsewhere (or damaged) can hold anything here: one line, not a
+        # traceback from deep inside the optimizer
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        int(meta["iteration"])
+    except (ValueError, RuntimeError, OSError, KeyError, TypeError, IndexError,
+            AttributeError) as e:
+        raise UserError(f"cannot resume from {path}: {str(e).splitlines()[0] or type(e).__name__}"
+                        ) from None
     old = meta.get("config") or {}
     changed = [k for k in ("model", "data", "train") if k in old and old[k] != cfg[k]]
     if changed:
@@ -241,7 +264,7 @@ def _train(args, restore):
     batch = total_batch // dist_info.world_size
     amp_dtype = _resolve_amp(args.amp, device)
     if args.deterministic:
-        restore.append(determinism.enable(device))
+        restore.append(determinism.enable(device))  # also fastunet.set_deterministic
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotuning pays off
     resume_path = None
@@ -252,7 +275,11 @@ def _train(args, restore):
             raise UserError(f"--resume: no checkpoint in {work_dir} (latest.pth or iter_*.pth)"
                             if args.resume == "auto" else f"--resume: {args.resume} not found")
     if main_rank:
-        os.makedirs(work_dir, exist_ok=True)
+        try:
+            os.makedirs(work_dir, exist_ok=True)
+            state.remove_stale_temp_files(work_dir)  # of a run killed while saving
+        except OSError as e:
+            raise UserError(f"cannot create the work dir {work_dir}: {e.strerror or e}") from None
 
     # ---- data: the training split through mmseg's pipeline, keyed by (seed, epoch, index)
     try:
@@ -275,7 +302,7 @@ def _train(args, restore):
     if args.load_from:
         try:
             load_checkpoint(model, args.load_from)
-        except (ValueError, RuntimeError, FileNotFoundError) as e:
+        except (ValueError, RuntimeError, OSError) as e:
             raise UserError(f"--load-from: {str(e).splitlines()[0]}") from None
     model.to(device)
     # channels_last is faster on both devices (cuDNN tensor cores; oneDNN on CPU: 1.4x on the
@@ -304,7 +331,11 @@ def _train(args, restore):
     log = RunLog(work_dir, max_iters, start_iter, log_interval, enabled=main_rank)
     _seed_all(args.seed + dist_info.rank)  # dropout masks differ per rank
     if rng is not None:
-        state.set_rng_state(rng)
+        try:
+            state.set_rng_state(rng)
+        except (ValueError, TypeError, KeyError, RuntimeError, IndexError) as e:
+            raise UserError(f"cannot resume from {resume_path}: its random states are damaged "
+                            f"({str(e).splitlines()[0]})") from None
 
     step = TrainStep(model)
     if dist_info.distributed:

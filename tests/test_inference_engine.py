@@ -286,3 +286,64 @@ def test_cuda_matches_cpu_and_graphs_match_eager():
     streamed = InferenceEngine(gpu, "slide", 64, 42, output_device="cpu", band_rows=2)(xc)
     assert streamed.device.type == "cpu"
     close(streamed, expected, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- bounded memory (issue 9)
+
+@pytest.mark.parametrize("mode, size", [("overlap-tile", (5, 3)), ("overlap-tile", (1, 40)),
+                                        ("overlap-tile", (70, 90)), ("slide", (50, 70)),
+                                        ("whole", (37, 50))])
+def test_band_rows_equal_the_padded_image(mode, size):
+    engine = InferenceEngine(TinyNet(), mode, 64, 42, tile_size=64, margin=20)
+    plan = engine.plan(*size)
+    x = torch.randn(2, 3, *size)
+    full = eng._pad(x, plan)
+    for p0, p1 in ((0, full.shape[2]), (1, 7), (full.shape[2] - 5, full.shape[2])):
+        assert torch.equal(eng._input_rows(x, plan, p0, p1, lambda t: t), full[:, :, p0:p1])
+
+
+@pytest.mark.parametrize("mode, kw", [("slide", {"gaussian": True}),
+                                      ("overlap-tile", {"tile_size": 64, "margin": 8}),
+                                      ("overlap-tile", {"tile_size": 64, "margin": 8,
+                                                        "gaussian": True})])
+def test_streaming_equals_single_pass_in_every_mode(mode, kw):
+    x = torch.randn(1, 3, 230, 150)
+    full = InferenceEngine(TinyNet(), mode, 64, 42, **kw)(x)
+    for rows in (1, 2):
+        close(InferenceEngine(TinyNet(), mode, 64, 42, band_rows=rows, **kw)(x), full,
+              rtol=1e-6)
+
+
+def test_raw_pixels_are_normalised_band_by_band():
+    mean, std = (120.0, 110.0, 100.0), (50.0, 55.0, 60.0)
+    raw = torch.randint(0, 256, (1, 3, 200, 170), dtype=torch.uint8)
+    x = (raw.float() - torch.tensor(mean).view(1, 3, 1, 1)) * (
+        1.0 / torch.tensor(std).view(1, 3, 1, 1))
+    expected = InferenceEngine(TinyNet(), "slide", 64, 42)(x)
+    for rows in (None, 1):
+        engine = InferenceEngine(TinyNet(), "slide", 64, 42, band_rows=rows)
+        logits, labels, p1 = engine(raw, ("logits", "labels", "probs"), normalize=(mean, std),
+                                    prob_class=1)
+        close(logits, expected, rtol=1e-6)
+        assert torch.equal(labels.long(), logits.argmax(1))
+        close(p1, logits.softmax(1)[:, 1], rtol=1e-6)
+    assert raw.dtype == torch.uint8  # the caller's tensor is untouched
+    with pytest.raises(ValueError, match="std must be positive"):
+        engine(raw, normalize=(mean, (1.0, 0.0, 1.0)))
+    with pytest.raises(ValueError, match="prob_class"):
+        engine(raw, "probs", normalize=(mean, std), prob_class=2)
+    with pytest.raises(ValueError, match="output must be"):
+        engine(raw, ("labels", "nope"), normalize=(mean, std))
+
+
+def test_buffer_cap_streams_and_is_respected():
+    x = torch.randn(1, 3, 600, 400)
+    full = InferenceEngine(TinyNet(), "slide", 64, 42)(x, "labels")
+    cap = 4 << 20
+    engine = InferenceEngine(TinyNet(), "slide", 64, 42, max_buffer_bytes=cap)
+    labels = engine(x, "labels")
+    s = engine.last_schedule
+    assert 1 <= s["band_rows"] < s["window_rows"] and s["buffer_bytes"] <= cap
+    assert (labels != full).float().mean() < 1e-3  # only near-ties may differ
+    with pytest.raises(ValueError, match="max_buffer_bytes"):
+        InferenceEngine(TinyNet(), "slide", 64, 42, max_buffer_bytes=0)

@@ -113,9 +113,31 @@ inline void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(input.size(1) == weight.size(1) * groups, "input has ", input.size(1),
               " channels but weight expects ", weight.size(1) * groups, " (in/groups ",
               weight.size(1), " x groups ", groups, ")");
+  if (!weight.is_mkldnn()) {  // a oneDNN-packed weight was packed for the input's dtype
+    TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight must have the input's "
+                "dtype ", input.scalar_type(), ", got ", weight.scalar_type());
+    FASTUNET_CHECK_SAME_DEVICE(weight, input, "weight", "input");
+  }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
                 weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias must have the input's dtype ",
+                input.scalar_type(), ", got ", bias->scalar_type());
+    FASTUNET_CHECK_SAME_DEVICE(*bias, input, "bias", "input");
+  }
+  // Geometry, checked here so that absurd values fail with a message instead of deep inside
+  // oneDNN/cuDNN (e.g. a padding of 2^40 overflowing a descriptor).
+  constexpr int64_t kLimit = int64_t(1) << 31;
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0 && stride[i] < kLimit &&
+                    dilation[i] < kLimit && padding[i] < kLimit,
+                "stride and dilation must be in [1, 2^31) and padding in [0, 2^31), got stride ",
+                stride, ", padding ", padding, ", dilation ", dilation);
+    const int64_t extent = dilation[i] * (weight.size(2 + i) - 1) + 1;
+    const int64_t padded = input.size(2 + i) + 2 * padding[i];
+    TORCH_CHECK(padded >= extent, "input ", input.size(2), "x", input.size(3), " with padding ",
+                padding, " is smaller than the kernel ", weight.size(2), "x", weight.size(3),
+                " dilated by ", dilation);
   }
 }
 

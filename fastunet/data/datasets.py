@@ -17,11 +17,16 @@ import torch
 
 from .io import read_image, read_label
 
-__all__ = ["VesselDataset", "DRIVEDataset", "STAREDataset", "ChaseDB1Dataset", "HRFDataset",
-           "FolderDataset", "build_dataset", "DATASETS", "DATASET_INFO", "IMAGE_EXTENSIONS",
-           "binary_label"]
+__all__ = ["DatasetError", "VesselDataset", "DRIVEDataset", "STAREDataset", "ChaseDB1Dataset",
+           "HRFDataset", "FolderDataset", "build_dataset", "DATASETS", "DATASET_INFO",
+           "IMAGE_EXTENSIONS", "binary_label"]
 
 SPLITS = ("training", "validation")
+
+
+class DatasetError(ValueError):
+    """The files of a data set are inconsistent: label values, sizes, unpaired images/labels.
+    The message names the file and what to do; the CLIs print it in one line."""
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm",
                     ".pbm", ".webp", ".ppm.gz", ".pgm.gz")
 
@@ -70,6 +75,14 @@ class VesselDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"{name}: {len(missing)} of {len(self.names)} images have no label "
                 f"{self.ann_dir}/<name>{self.seg_suffix} (e.g. {missing[0]}{self.seg_suffix})")
+        known = set(self.names)
+        orphans = sorted(f for f in os.listdir(self.ann_dir) if f.endswith(self.seg_suffix)
+                         and f[:-len(self.seg_suffix)] not in known)
+        if orphans:  # labels whose image is gone: the two lists no longer describe one set
+            raise DatasetError(
+                f"{name}: {len(orphans)} label(s) in {self.ann_dir} have no image "
+                f"{self.img_dir}/<name>{self.img_suffix} (e.g. {orphans[0]}); restore the "
+                f"images or remove the labels")
         self.use_fov = use_fov and os.path.isdir(self.fov_dir)
 
     def __len__(self):
@@ -82,20 +95,20 @@ class VesselDataset(torch.utils.data.Dataset):
         img = read_image(img_path)
         label = read_label(seg_path)
         if label.shape != img.shape[:2]:
-            raise ValueError(f"{seg_path}: label size {label.shape[::-1]} differs from image "
-                             f"{img_path} {img.shape[1::-1]}")
+            raise DatasetError(f"{seg_path}: label size {label.shape[::-1]} differs from image "
+                               f"{img_path} {img.shape[1::-1]}")
         if label.max() > 1 and ((label > 1) & (label != 255)).any():
             vals = np.unique(label)
-            raise ValueError(f"{seg_path}: label values {vals[:8].tolist()} are not class indices "
-                             "{0, 1} (255 = ignore); was the root converted with "
-                             "python -m fastunet.convert?")
+            raise DatasetError(f"{seg_path}: label values {vals[:8].tolist()} are not class "
+                               "indices {0, 1} (255 = ignore); was the root converted with "
+                               "python -m fastunet.convert?")
         fov = None
         if self.use_fov:
             fov_path = os.path.join(self.fov_dir, name + self.img_suffix)
             if os.path.isfile(fov_path):
                 fov = read_label(fov_path) > 0
                 if fov.shape != label.shape:
-                    raise ValueError(f"{fov_path}: FOV size differs from image {img_path}")
+                    raise DatasetError(f"{fov_path}: FOV size differs from image {img_path}")
         return dict(img=img, label=label, name=name, fov=fov)
 
 
@@ -138,8 +151,8 @@ def binary_label(label, path="<label>"):
     if present <= {0, 1, 255}:
         return label  # class indices with ignored pixels
     shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-    raise ValueError(f"{path}: mask values {{{shown}}} are not a binary mask; expected {{0, 1}} "
-                     "or {0, 255} (black/white); re-save it as such, or use label_map='raw'")
+    raise DatasetError(f"{path}: mask values {{{shown}}} are not a binary mask; expected {{0, 1}} "
+                       "or {0, 255} (black/white); re-save it as such, or use label_map='raw'")
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -170,8 +183,8 @@ class FolderDataset(torch.utils.data.Dataset):
             if only_mask:
                 parts.append(f"{len(only_mask)} mask(s) without an image (e.g. "
                              f"{masks[only_mask[0]]})")
-            raise ValueError("FolderDataset: images and masks do not pair up by name: "
-                             + "; ".join(parts))
+            raise DatasetError("FolderDataset: images and masks do not pair up by name: "
+                               + "; ".join(parts))
         self.names = sorted(images)
         self.images = [os.path.join(img_dir, images[n]) for n in self.names]
         self.masks = [os.path.join(mask_dir, masks[n]) for n in self.names]
@@ -180,8 +193,8 @@ class FolderDataset(torch.utils.data.Dataset):
             fovs = self._index(fov_dir, "", "FOV mask")
             missing = [n for n in self.names if n not in fovs]
             if missing:
-                raise ValueError(f"FolderDataset: {len(missing)} image(s) have no FOV mask in "
-                                 f"{fov_dir} (e.g. {missing[0]})")
+                raise DatasetError(f"FolderDataset: {len(missing)} image(s) have no FOV mask in "
+                                   f"{fov_dir} (e.g. {missing[0]})")
             self.fovs = [os.path.join(fov_dir, fovs[n]) for n in self.names]
 
     @staticmethod
@@ -198,8 +211,8 @@ class FolderDataset(torch.utils.data.Dataset):
                     continue
                 stem = stem[:-len(suffix)]
             if stem in out:
-                raise ValueError(f"FolderDataset: {os.path.join(directory, out[stem])} and "
-                                 f"{os.path.join(directory, f)} have the same name; keep one")
+                raise DatasetError(f"FolderDataset: {os.path.join(directory, out[stem])} and "
+                                   f"{os.path.join(directory, f)} have the same name; keep one")
             out[stem] = f
         if not out:
             raise FileNotFoundError(f"FolderDataset: no {what} files "
@@ -213,15 +226,15 @@ class FolderDataset(torch.utils.data.Dataset):
         img = read_image(self.images[index])
         label = read_label(self.masks[index])
         if label.shape != img.shape[:2]:
-            raise ValueError(f"{self.masks[index]}: mask size {label.shape[::-1]} differs from "
-                             f"image {self.images[index]} {img.shape[1::-1]}")
+            raise DatasetError(f"{self.masks[index]}: mask size {label.shape[::-1]} differs from "
+                               f"image {self.images[index]} {img.shape[1::-1]}")
         if self.label_map == "binary":
             label = binary_label(label, self.masks[index])
         fov = None
         if self.fovs is not None:
             fov = read_label(self.fovs[index]) > 0
             if fov.shape != label.shape:
-                raise ValueError(f"{self.fovs[index]}: FOV size differs from the image")
+                raise DatasetError(f"{self.fovs[index]}: FOV size differs from the image")
         return dict(img=img, label=label, name=self.names[index], fov=fov)
 
 

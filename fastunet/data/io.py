@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ImageReadError", "ImageConversionWarning", "read_image", "read_label",
-           "decode_image", "decode_label", "write_png"]
+           "decode_image", "decode_label", "write_png", "remove_stale_temp_files"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -65,8 +65,13 @@ def _open(data, name):
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # force the decode: truncated data fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError, zlib.error) as e:
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{name}: not an image file (or a format Pillow cannot read)"
+                             ) from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{name}: cannot decode image ({e}); if you trust the file, raise "
+                             f"PIL.Image.MAX_IMAGE_PIXELS") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         raise ImageReadError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     if img.width == 0 or img.height == 0:
         raise ImageReadError(f"{name}: image has zero size ({img.width}x{img.height})")
@@ -267,6 +272,34 @@ def read_image(path):
 def read_label(path):
     """Read a label/mask file as HxW uint8 raw values; raises ImageReadError naming the file."""
     return decode_label(_read_bytes(path), str(path))
+
+
+_TMP_RE = None
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temporary files that ``write_png`` calls killed mid-write left in ``folder``
+    (recursively): ``.NAME.<pid>.<hex>.tmp`` of processes no longer running on this machine.
+    Returns their paths. Files of running processes, and anything else, are left alone."""
+    import re
+
+    from ..runtime import pid_alive
+
+    global _TMP_RE
+    if _TMP_RE is None:
+        _TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            m = _TMP_RE.match(name)
+            if not m or pid_alive(int(m.group(1))):
+                continue
+            try:
+                os.unlink(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+            except OSError:
+                pass
+    return removed
 
 
 def write_png(path, array, compress_level=6):

@@ -528,9 +528,11 @@ class SyntheticVessels(torch.utils.data.Dataset):
 
 def main(argv=None):
     """``python -m fastunet.data {write ROOT | baseline}`` (see fastunet/data/__main__.py)."""
-    import argparse
+    import sys
 
-    p = argparse.ArgumentParser(prog="python -m fastunet.data",
+    from .._cli import ArgumentParser, one_line
+
+    p = ArgumentParser(prog="python -m fastunet.data",
                                 description="Write the synthetic vessel data set, or score the "
                                             "green-channel baseline on it.")
     p.add_argument("action", choices=["write", "baseline"])
@@ -540,18 +542,27 @@ def main(argv=None):
     p.add_argument("--size", type=int, nargs=2, default=(584, 565), metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.action == "write":
-        if not args.root:
-            p.error("write needs ROOT")
-        write_synthetic(args.root, args.num_training, args.num_validation, tuple(args.size),
-                        args.seed, progress=True)
-        print(f"{args.root}: {args.num_training} training and {args.num_validation} validation "
-              "images (read it with build_dataset('drive', ROOT, split))")
-        return 0
-    kw = dict(size=tuple(args.size), seed=args.seed, cache=False)
-    train = SyntheticVessels("training", args.num_training, **kw)
-    val = SyntheticVessels("validation", args.num_validation, **kw)
-    res = green_channel_baseline(train, val)
+    for name in ("num_training", "num_validation"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if min(args.size) < 32:
+        p.error(f"--size must be at least 32 32, got {args.size[0]} {args.size[1]}")
+    try:
+        if args.action == "write":
+            if not args.root:
+                p.error("write needs ROOT")
+            write_synthetic(args.root, args.num_training, args.num_validation,
+                            tuple(args.size), args.seed, progress=True)
+            print(f"{args.root}: {args.num_training} training and {args.num_validation} "
+                  "validation images (read it with build_dataset('drive', ROOT, split))")
+            return 0
+        kw = dict(size=tuple(args.size), seed=args.seed, cache=False)
+        train = SyntheticVessels("training", args.num_training, **kw)
+        val = SyntheticVessels("validation", args.num_validation, **kw)
+        res = green_channel_baseline(train, val)
+    except (OSError, ValueError) as exc:
+        print(f"{p.prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
     print(f"green-channel baseline: threshold {res['threshold']} (training Dice "
           f"{res['train_dice']:.2f}); validation vessel Dice {res['metrics']['vessel_dice']:.2f}")
     return 0

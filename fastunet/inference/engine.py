@@ -26,9 +26,14 @@ statistics); later calls reuse that. Inference runs under ``torch.no_grad()``; c
 model in eval mode, as mmseg does (windows share batches here, so BN in training mode would not
 behave as in one-window forwards).
 
-When the window logits of a whole image do not fit in free memory, window rows are processed in
-bands whose sums are accumulated in an output on the CPU (or on the device if it fits there),
-then divided by the coverage: same result up to float rounding, bounded device memory.
+When the working buffers of a whole image (its windows, their logits, the float aggregate) do not
+fit in free memory, or on the CPU exceed ``max_buffer_bytes`` (default 1 GiB), window rows are
+processed in bands: each band's input rows are normalised on their own (raw uint8 pixels with
+``normalize=(mean, std)``: no float copy of the image), its window sums are added to the sums
+carried from the band above, and the rows no later window touches are divided by their coverage
+and written straight into the requested outputs (uint8 labels, float probabilities, on the CPU
+when the device is short). Same result up to float rounding; memory is about the input + the
+outputs + max(max_buffer_bytes, one window row's buffers) + one window batch's activations.
 """
 import os
 import warnings
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import ops, runtime
 from ..ops.tile_reference import window_count, window_starts
 
 MODES = ("slide", "overlap-tile", "whole")
@@ -53,6 +58,11 @@ MAX_WINDOW_BATCH = 1024
 # stay under 2**31 elements (PyTorch's channels-last upsampling, for one, refuses more; seen on
 # an H100 with 294 HRF windows of 256x256 in one batch).
 MAX_BATCH_PIXELS = 1 << 23
+# CPU: the most bytes the working buffers of one pass (cut-out windows, their logits, the
+# aggregate and a normalised copy of the input) may take; larger images stream in bands of
+# window rows, so CPU memory stays at about input + outputs + this + one window batch's
+# activations, whatever the image size (see InferenceEngine, max_buffer_bytes).
+CPU_MAX_BUFFER_BYTES = 1 << 30
 # CUDA graphs kept at once (each holds the activation memory of its batch shape)
 MAX_CUDA_GRAPHS = 4
 
@@ -149,6 +159,105 @@ def _pad(x, plan):
     return x
 
 
+def _pad_index(axis, mode, replicate, p0, p1, device):
+    """Source positions of the padded positions [p0, p1) along one axis, as ``_pad`` fills
+    them: -1 for constant padding, mirrored (repeatedly, for pads longer than the image) for
+    reflect, clamped where ``_pad`` replicates (an image 1 pixel high or wide)."""
+    i = torch.arange(p0, p1, device=device) - axis.pad_before
+    n = axis.size
+    if mode == "constant":
+        return torch.where((i >= 0) & (i < n), i, torch.full_like(i, -1))
+    if replicate or n == 1:
+        return i.clamp(0, n - 1)
+    period = 2 * (n - 1)
+    i = i.remainder(period)  # non-negative (sign of the divisor)
+    return torch.where(i < n, i, period - i)
+
+
+def _input_rows(src, plan, p0, p1, prep):
+    """Rows [p0, p1) of the padded, normalised input, (N, C, p1 - p0, padded width): the same
+    values as ``_pad(prep(src), plan)[:, :, p0:p1]`` without materialising the whole image."""
+    y, x = plan.y, plan.x
+    if plan.pad_mode == "constant":
+        s0, s1 = max(p0 - y.pad_before, 0), min(p1 - y.pad_before, y.size)
+        band = prep(src[:, :, s0:max(s0, s1)])
+        top = max(y.pad_before - p0, 0)
+        bottom = (p1 - p0) - top - max(s1 - s0, 0)
+        if top or bottom or x.pad_before or x.pad_after:
+            band = F.pad(band, (x.pad_before, x.pad_after, top, bottom))
+        return band
+    replicate = y.size == 1 or x.size == 1
+    rows = _pad_index(y, "reflect", replicate, p0, p1, src.device)
+    band = src.index_select(2, rows)
+    if x.pad_before or x.pad_after:
+        cols = _pad_index(x, "reflect", replicate, 0, x.size + x.pad_before + x.pad_after,
+                          src.device)
+        band = band.index_select(3, cols)
+    return prep(band)
+
+
+def _band_bytes(plan, n, channels, classes):
+    """(bytes per window row, fixed bytes per band): an upper estimate of what one band of
+    ``_streamed`` holds at once: its input rows (raw index copy, normalised copy, padded copy),
+    its windows and their float32 logits, and the float32 sums of its rows (the band's own, the
+    ones carried from the band above, and the temporaries that turn them into outputs)."""
+    padded_w = plan.x.size + plan.x.pad_before + plan.x.pad_after
+    y = plan.y
+    per_row = n * (plan.x.count * (channels * y.window * plan.x.window
+                                   + classes * y.tile * plan.x.tile) * 4
+                   + y.stride * (12 * channels * padded_w + 12 * classes * plan.x.canvas))
+    overhang = n * (max(y.window - y.stride, 0) * 12 * channels * padded_w
+                    + max(y.tile - y.stride, 0) * 12 * classes * plan.x.canvas)
+    return per_row, overhang
+
+
+def _normalizer(normalize, channels, device):
+    """A function mapping raw pixels to normalised float32 ((x - mean) / std, as a copy), or the
+    identity when ``normalize`` is None (the images are normalised already)."""
+    if normalize is None:
+        return lambda t: t
+    try:
+        mean, std = normalize
+        mean = torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"normalize must be (mean, std) with one value per channel, got "
+                         f"{normalize!r}") from None
+    if mean.shape[1] not in (1, channels) or std.shape[1] not in (1, channels):
+        raise ValueError(f"normalize: mean and std need 1 or {channels} values, got "
+                         f"{mean.shape[1]} and {std.shape[1]}")
+    if not bool((std > 0).all()):
+        raise ValueError(f"normalize: std must be positive, got {std.flatten().tolist()}")
+    inv_std = 1.0 / std
+
+    def prep(t):
+        out = t.to(torch.float32, copy=True)  # a copy: the caller's image is never modified
+        return out.sub_(mean).mul_(inv_std)
+    return prep
+
+
+def _argmax_classes(avg):
+    """uint8 argmax over dim 1 (the first class on ties, as torch.argmax): one comparison per
+    class, several times faster than ``argmax(1)`` on the CPU, whose reduction over a strided
+    dimension is slow (0.15 s for 2 x 256 x 4000 values on 2 cores)."""
+    best = avg[:, 0]
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=avg.device)
+    for c in range(1, avg.shape[1]):
+        labels.masked_fill_(avg[:, c] > best, c)
+        best = torch.maximum(best, avg[:, c])
+    return labels
+
+
+def _finish(avg, kind, prob_class):
+    """Averaged logits (N, C, h, w) -> the requested output kind."""
+    if kind == "labels":
+        return _argmax_classes(avg)
+    if kind == "probs":
+        probs = avg.softmax(dim=1)
+        return probs if prob_class is None else probs[:, prob_class]
+    return avg
+
+
 def _available_bytes(device):
     """Memory that new allocations may take on this device now."""
     if device.type == "cuda":
@@ -165,6 +274,15 @@ def _available_bytes(device):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def _deterministic_bytes(device):
+    """The memory budget of deterministic mode: the device's total memory less what is
+    allocated (on the CPU: unbounded; CPU_MAX_BUFFER_BYTES or max_buffer_bytes caps it)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return total - torch.cuda.memory_allocated(device)
+    return float("inf")
 
 
 def coverage(plan, weight, device):
@@ -240,13 +358,19 @@ class InferenceEngine:
         they are dropped whenever it changes (the segmentor passes one).
     compile: wrap fn in torch.compile(dynamic=False) (first call compiles; off by default).
     memory_fraction: share of the free memory the engine plans to use.
+    max_buffer_bytes: cap on the working buffers of one pass (windows, window logits, the float
+        aggregate, a normalised copy of the input); an image whose buffers exceed it streams in
+        bands of window rows that each stay under it. None: CPU_MAX_BUFFER_BYTES (1 GiB) on the
+        CPU, free memory only on CUDA. Peak memory is then about: the input + the outputs asked
+        for (labels 1 byte per pixel, probabilities 4 per class) + max_buffer_bytes + the
+        activations of one window batch.
     """
 
     def __init__(self, fn, mode="slide", crop_size=None, stride=None, *, tile_size=1024,
                  margin=32, size_divisor=16, window_batch=None, precision="fp32",
                  channels_last=False, gaussian=False, tta=None, output_device=None,
                  band_rows=None, cuda_graphs=None, compile=False, memory_fraction=0.7,
-                 state_version=None):
+                 max_buffer_bytes=None, state_version=None):
         if not callable(fn):
             raise TypeError(f"fn must be a callable mapping windows to logits, got {type(fn)}")
         if mode not in MODES:
@@ -290,6 +414,9 @@ class InferenceEngine:
             raise ValueError(f"cuda_graphs must be None (auto), True or False, got {cuda_graphs!r}")
         self.cuda_graphs = cuda_graphs
         self.memory_fraction = float(memory_fraction)
+        if max_buffer_bytes is not None and int(max_buffer_bytes) < 1:
+            raise ValueError(f"max_buffer_bytes must be positive (or None), got {max_buffer_bytes}")
+        self.max_buffer_bytes = None if max_buffer_bytes is None else int(max_buffer_bytes)
         self.fn = torch.compile(fn, dynamic=False) if compile else fn
         self._probes = {}   # (device, window, dtype) -> (classes, bytes per window, fixed bytes)
         self._graphs = {}   # (device, batch shape, dtype) -> _GraphedCall, LRU order
@@ -358,13 +485,14 @@ class InferenceEngine:
         self._graphs[key] = graphed  # (re)inserted last: most recently used
         return graphed(windows)
 
-    def _probe(self, x, plan):
-        """Classes, and on CUDA the activation memory of fn per window (two probe forwards)."""
+    def _probe(self, one, plan):
+        """Classes, and on CUDA the activation memory of fn per window (two probe forwards).
+        ``one``: a (1, C, window h, window w) normalised window."""
         th, tw = plan.y.window, plan.x.window
+        x = one
         key = (x.device, th, tw, x.dtype, x.shape[1])
         if key in self._probes:
             return self._probes[key]
-        one = x[:1, :, :th, :tw].contiguous()
         cuda = x.is_cuda
         peaks = []
         for b in ((1, 2) if cuda else (1,)):
@@ -392,18 +520,38 @@ class InferenceEngine:
         return self._probes[key]
 
     # ------------------------------------------------------------------ memory planning
-    def _schedule(self, x, plan, batch_images, classes, per_window, fixed):
-        """(window batch, window rows per band, output device) for this image batch."""
+    def _schedule(self, x, plan, batch_images, classes, per_window, fixed, out_bytes=None,
+                  input_copy=True):
+        """(window batch, window rows per band, output device, planned buffer bytes) for this
+        image batch.
+
+        x: a normalised window (device, channels, dtype); out_bytes: the final outputs' bytes
+        (default: float logits); input_copy: whether one pass makes a normalised/padded copy of
+        the whole input."""
         device = x.device
-        total_windows = batch_images * plan.windows_per_image
+        n = batch_images
+        total_windows = n * plan.windows_per_image
         budget = self.memory_fraction * _available_bytes(device)
-        row_bytes = batch_images * plan.x.count * (
-            x.shape[1] * plan.y.window * plan.x.window * x.element_size()  # cut-out windows
-            + classes * plan.y.tile * plan.x.tile * 4)                      # their logits
-        out_bytes = batch_images * classes * plan.y.canvas * plan.x.canvas * 4
+        if runtime.is_deterministic():
+            # a plan that does not depend on what happens to be free: the same windows in the
+            # same batches (cuDNN picks algorithms per batch shape) and the same bands
+            budget = self.memory_fraction * _deterministic_bytes(device)
+        cap = self.max_buffer_bytes
+        if cap is None and device.type != "cuda":
+            cap = CPU_MAX_BUFFER_BYTES
+        per_row, overhang = _band_bytes(plan, n, x.shape[1], classes)
+        agg_bytes = n * classes * plan.y.canvas * plan.x.canvas * 4
+        if out_bytes is None:
+            out_bytes = agg_bytes
         all_rows = plan.y.count
         out_dev = self.output_device
-        buffers = row_bytes * all_rows + out_bytes  # one pass: all window logits + the output
+        # one pass: the input copy, all windows and their logits, the float aggregate
+        padded_w = plan.x.size + plan.x.pad_before + plan.x.pad_after
+        padded_h = plan.y.size + plan.y.pad_before + plan.y.pad_after
+        in_bytes = n * x.shape[1] * padded_h * padded_w * 4 * 2 if input_copy else 0
+        window_bytes = total_windows * (x.shape[1] * plan.y.window * plan.x.window
+                                        + classes * plan.y.tile * plan.x.tile) * 4
+        buffers = in_bytes + window_bytes + agg_bytes
         # Activations get what the buffers leave, but at least half of the budget.
         act_budget = max(budget - buffers, budget / 2) if device.type == "cuda" else 0
         if self.window_batch is not None:
@@ -417,16 +565,22 @@ class InferenceEngine:
         batch = -(-total_windows // -(-total_windows // batch))  # balance: no tiny last batch
         if device.type == "cuda":
             budget -= fixed + batch * per_window
+        limit = budget if cap is None else min(budget, cap)
         if self.band_rows is not None:
             rows = self.band_rows
-        elif buffers <= budget:
+        elif buffers + (out_bytes if device.type == "cuda" else 0) <= limit:
             rows = all_rows
         else:
             if out_dev is None:
-                out_dev = device if out_bytes <= budget / 2 else torch.device("cpu")
-            left = budget - (out_bytes if out_dev == device else 0)
-            rows = max(1, int(left // row_bytes))
-        return batch, min(rows, all_rows), out_dev or device
+                out_dev = (device if device.type != "cuda" or out_bytes <= budget / 2
+                           else torch.device("cpu"))
+            left = limit - overhang - (out_bytes if out_dev == device and device.type == "cuda"
+                                       else 0)
+            rows = max(1, int(left // per_row))
+            rows = min(rows, all_rows - 1) if all_rows > 1 else rows
+        rows = min(rows, all_rows)
+        planned = buffers if rows >= all_rows else overhang + rows * per_row
+        return batch, rows, out_dev or device, planned
 
     # ------------------------------------------------------------------ the pipeline
     def _window_logits(self, windows, plan, classes, batch):
@@ -447,69 +601,146 @@ class InferenceEngine:
             logits[k:k + chunk.shape[0]].copy_(out[:, :, m_y:m_y + th, m_x:m_x + tw])
         return logits
 
-    def __call__(self, images, output="logits"):
-        """Normalised images (N, 3, H, W) -> logits (N, C, H, W) float32, probs (softmax over C,
-        float32) or labels (uint8 (N, H, W)), on ``output_device`` (default: the images')."""
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {output!r}")
+    def __call__(self, images, output="logits", *, normalize=None, prob_class=None):
+        """Images (N, C, H, W) -> logits (N, C', H, W) float32, probs (softmax over C', float32)
+        or labels (uint8 (N, H, W)), on ``output_device`` (default: the images' device).
+
+        images: normalised float; or raw pixels (e.g. a uint8 view of an HxWx3 array) with
+        ``normalize=(mean, std)``, normalised band by band, so no float copy of a large image is
+        ever made. output: one kind, or a tuple of kinds (returns a tuple, from one run).
+        prob_class: with "probs", return only that class's probability (N, H, W).
+        """
+        outputs = (output,) if isinstance(output, str) else tuple(output)
+        if not outputs or any(not isinstance(o, str) or o not in OUTPUTS for o in outputs):
+            raise ValueError(f"output must be one of {tuple(OUTPUTS)} or a tuple of them, got "
+                             f"{output!r}")
         if not (isinstance(images, torch.Tensor) and images.dim() == 4
-                and images.is_floating_point()):
+                and (images.is_floating_point() or normalize is not None)
+                and images.dtype != torch.bool and not images.is_complex()):
             desc = (f"{images.dtype} tensor of shape {tuple(images.shape)}"
                     if isinstance(images, torch.Tensor) else type(images).__name__)
-            raise ValueError(f"images must be a normalised float tensor (N, C, H, W), got {desc}")
-        n, _, height, width = images.shape
-        if n == 0 or height == 0 or width == 0:
+            raise ValueError(f"images must be a normalised float tensor (N, C, H, W) (or raw "
+                             f"pixels with normalize=(mean, std)), got {desc}")
+        n, c, height, width = images.shape
+        if n == 0 or c == 0 or height == 0 or width == 0:
             raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
+        prep = _normalizer(normalize, c, images.device)
         plan = self.plan(height, width)
         with torch.no_grad():
-            x = _pad(images, plan)
-            classes, per_window, fixed = self._probe(x, plan)
-            batch, rows, out_dev = self._schedule(x, plan, n, classes, per_window, fixed)
+            one = _input_rows(images[:1], plan, 0, plan.y.window, prep)
+            one = one[..., :plan.x.window].contiguous()
+            classes, per_window, fixed = self._probe(one, plan)
+            if prob_class is not None and not (isinstance(prob_class, int)
+                                               and 0 <= prob_class < classes):
+                raise ValueError(f"prob_class must be a class index in 0..{classes - 1}, got "
+                                 f"{prob_class!r}")
+            out_bytes = sum(n * height * width * (1 if kind == "labels" else 4 * (
+                1 if kind == "probs" and prob_class is not None else classes))
+                for kind in outputs)
+            needs_copy = normalize is not None or any(
+                (a.pad_before or a.pad_after) for a in (plan.y, plan.x))
+            batch, rows, out_dev, planned = self._schedule(one, plan, n, classes, per_window,
+                                                           fixed, out_bytes, needs_copy)
+            del one
             self.last_schedule = {"window_batch": batch, "band_rows": rows,
-                                  "window_rows": plan.y.count, "output_device": str(out_dev)}
+                                  "window_rows": plan.y.count, "output_device": str(out_dev),
+                                  "buffer_bytes": planned}
             weight = None
             if self.gaussian and plan.windows_per_image > 1:
-                weight = ops.gaussian_weight((plan.y.tile, plan.x.tile), device=x.device)
+                weight = ops.gaussian_weight((plan.y.tile, plan.x.tile), device=images.device)
             window = (plan.y.window, plan.x.window)
             stride = (plan.y.stride, plan.x.stride)
             if rows >= plan.y.count:
+                x = _pad(prep(images), plan)
                 windows = ops.tile_extract(x, window, stride)
+                del x
                 logits = self._window_logits(windows, plan, classes, batch)
                 del windows
-                out = ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas, stride,
-                                         weight=weight, epilogue=OUTPUTS[output])
+                if len(outputs) == 1 and prob_class is None:  # the fused epilogue
+                    results = [ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas,
+                                                  stride, weight=weight,
+                                                  epilogue=OUTPUTS[outputs[0]])]
+                else:
+                    avg = ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas, stride,
+                                             weight=weight)
+                    results = [_finish(avg, kind, prob_class) for kind in outputs]
+                    del avg
                 del logits
-                out = out.to(out_dev)
+                results = [r.to(out_dev) for r in results]
+                results = [r[..., :height, :width].contiguous()
+                           if r.shape[-2:] != (height, width) else r for r in results]
             else:
-                out = self._streamed(x, plan, classes, batch, rows, out_dev, weight, output)
-        if out.shape[-2:] != (height, width):
-            out = out[..., :height, :width].contiguous()
-        return out
+                results = self._streamed(images, plan, classes, batch, rows, out_dev, weight,
+                                         outputs, prep, prob_class)
+        return results[0] if isinstance(output, str) else tuple(results)
 
-    def _streamed(self, x, plan, classes, batch, rows, out_dev, weight, output):
-        """Bands of `rows` window rows: band sums accumulate on out_dev, divided at the end."""
-        n = x.shape[0]
+    def _streamed(self, src, plan, classes, batch, rows, out_dev, weight, outputs, prep,
+                  prob_class):
+        """Bands of `rows` window rows, normalised from ``src`` band by band. A band's window
+        sums are added to the sums carried over from the band above; rows no later window
+        touches are then final: divided by their coverage, turned into the outputs and written
+        out. So only one band of sums is ever held, whatever the image height."""
+        n = src.shape[0]
+        height, width = plan.y.size, plan.x.size
+        device = src.device
         window = (plan.y.window, plan.x.window)
         stride = (plan.y.stride, plan.x.stride)
-        acc = torch.zeros((n, classes, plan.y.canvas, plan.x.canvas), device=out_dev)
+        results = []
+        for kind in outputs:
+            if kind == "labels":
+                shape, dtype = (n, height, width), torch.uint8
+            elif kind == "probs" and prob_class is not None:
+                shape, dtype = (n, height, width), torch.float32
+            else:
+                shape, dtype = (n, classes, height, width), torch.float32
+            results.append(torch.empty(shape, dtype=dtype, device=out_dev))
+        if weight is None:  # coverage in closed form: window counts per row times per column
+            cy = torch.zeros(plan.y.canvas, device=device)
+            for i in range(plan.y.count):
+                cy[plan.y.start(i):plan.y.start(i) + plan.y.tile] += 1
+            cx = torch.zeros(plan.x.canvas, device=device)
+            for j in range(plan.x.count):
+                cx[plan.x.start(j):plan.x.start(j) + plan.x.tile] += 1
+        carried = carried_w = None
         for i0 in range(0, plan.y.count, rows):
             i1 = min(i0 + rows, plan.y.count) - 1
             top, bottom = plan.y.start(i0), plan.y.start(i1)
-            windows = ops.tile_extract(x[:, :, top:bottom + plan.y.window], window, stride)
+            band_h = bottom - top + plan.y.tile
+            x = _input_rows(src, plan, top, bottom + plan.y.window, prep)
+            windows = ops.tile_extract(x, window, stride)
+            del x
             logits = self._window_logits(windows, plan, classes, batch)
             del windows
-            band_h = bottom - top + plan.y.tile
             part = ops.tile_aggregate(logits, n, band_h, plan.x.canvas, stride, weight=weight,
                                       normalize=False)
             del logits
-            acc[:, :, top:top + band_h] += part.to(out_dev)
-        norm = coverage(plan, weight, out_dev)
-        acc = torch.where(norm > 0, acc / norm, torch.zeros((), device=out_dev))
-        if output == "probs":
-            return acc.softmax(dim=1)
-        if output == "labels":
-            return acc.argmax(dim=1).to(torch.uint8)
-        return acc
+            if weight is not None:  # the summed window weights, carried the same way
+                count = (i1 - i0 + 1) * plan.x.count
+                ones = torch.ones((count, 1, plan.y.tile, plan.x.tile), device=device)
+                wpart = ops.tile_aggregate(ones, 1, band_h, plan.x.canvas, stride,
+                                           weight=weight, normalize=False)[0, 0]
+                del ones
+            if carried is not None:  # sums for rows [top, top + k) from the band above
+                k = carried.shape[2]
+                part[:, :, :k] += carried
+                if weight is not None:
+                    wpart[:k] += carried_w
+            last = i1 == plan.y.count - 1
+            done = band_h if last else plan.y.start(i1 + 1) - top
+            norm = (cy[top:top + done, None] * cx[None, :] if weight is None else wpart[:done])
+            # in place; where nothing is covered the sum is 0 and stays 0
+            avg = part[:, :, :done].div_(norm.clamp_min_(torch.finfo(norm.dtype).tiny))
+            keep = min(done, height - top)
+            if keep > 0:
+                avg = avg[:, :, :keep, :width]
+                for kind, res in zip(outputs, results):
+                    res[..., top:top + keep, :].copy_(_finish(avg, kind, prob_class))
+            del avg, norm
+            carried = None if last else part[:, :, done:].clone()
+            if weight is not None:
+                carried_w = None if last else wpart[done:].clone()
+            del part
+        return results
 
 
 def infer(fn, images, mode="slide", crop_size=None, stride=None, output="logits", **options):

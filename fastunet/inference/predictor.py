@@ -20,10 +20,6 @@ MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
 
-def _default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def as_rgb_uint8(image, name="image"):
     """An image array -> HxWx3 uint8 RGB, converting like ``fastunet.data.io.read_image``:
     grayscale (HxW or HxWx1) expanded, alpha dropped (warns unless opaque), 16-bit scaled by
@@ -80,7 +76,10 @@ class Predictor:
     tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting. fuse: fold BN into
     the convolutions (eval only; outputs change by float rounding). channels_last: default on
     (faster convolutions on CPU and with fp16/bf16 on GPU). Other keyword arguments go to
-    ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device, ...).
+    ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device, max_buffer_bytes, ...).
+    Large images are normalised and aggregated band by band from the uint8 pixels; CPU memory
+    is about image + labels (+ 4 bytes/pixel with return_probs) + max_buffer_bytes (1 GiB) + one
+    window batch's activations.
     """
 
     def __init__(self, config, checkpoint=None, device=None, precision="fp32", mode=None, *,
@@ -95,14 +94,17 @@ class Predictor:
         self.config = fastunet.get_config(config) if isinstance(config, str) else config
         if not isinstance(self.config, dict):
             raise TypeError(f"config must be a config name or dict, got {type(config).__name__}")
-        self.device = torch.device(device) if device is not None else _default_device()
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device} requested but CUDA is not available; use "
-                             f"device='cpu'")
+        from ..runtime import resolve_device
+
+        self.device = resolve_device(device)  # ValueError for a device this machine lacks
+        if checkpoint is not None:  # before building the model: a wrong path fails fast
+            if os.path.isdir(checkpoint):
+                raise IsADirectoryError(f"checkpoint {os.fspath(checkpoint)!r} is a folder, "
+                                        f"not a .pth file")
+            if not os.path.isfile(checkpoint):
+                raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint)!r} does not exist")
         model = fastunet.build_segmentor(self.config)
         if checkpoint is not None:
-            if not os.path.isfile(checkpoint):
-                raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
             fastunet.load_checkpoint(model, checkpoint)
         model.eval()
         if fuse:
@@ -121,15 +123,17 @@ class Predictor:
         test_cfg = dict(model_cfg.get("test_cfg") or {})
         mode = mode or test_cfg.get("mode", "slide")
         if mode == "slide":
-            crop_size = crop_size or test_cfg.get("crop_size")
-            stride = stride or test_cfg.get("stride")
+            # `is None`, not `or`: an explicit 0 is an error to report, not "use the config's"
+            crop_size = test_cfg.get("crop_size") if crop_size is None else crop_size
+            stride = test_cfg.get("stride") if stride is None else stride
             if crop_size is None or stride is None:
                 raise ValueError("mode 'slide' needs crop_size and stride (the config's test_cfg "
                                  "has none): pass crop_size=..., stride=...")
         data_cfg = self.config.get("data") or {}
         mean = torch.tensor(data_cfg.get("mean", MEAN), dtype=torch.float32, device=self.device)
         std = torch.tensor(data_cfg.get("std", STD), dtype=torch.float32, device=self.device)
-        self._mean, self._inv_std = mean.view(1, 3, 1, 1), (1.0 / std).view(1, 3, 1, 1)
+        self._mean, self._std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+        self._inv_std = 1.0 / self._std
         self.mode = mode
         engine_options.setdefault("size_divisor", getattr(model.backbone, "downsample_rate", 16))
         self.engine = InferenceEngine(model.encode_decode, mode, crop_size, stride,
@@ -151,15 +155,14 @@ class Predictor:
 
             image = read_image(image)
         rgb = as_rgb_uint8(image)
-        x = self.normalize(rgb)
+        # the uint8 image as (1, 3, H, W); the engine normalises it band by band, so a large
+        # image never exists as float (4x the bytes) nor do its logits
+        x = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(2, 0, 1)[None]
+        norm = (self._mean, self._std)
         if not return_probs:
-            return self.engine(x, "labels")[0].cpu().numpy()
-        logits = self.engine(x)
-        labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-        if logits.shape[1] < 2:
-            raise ValueError("return_probs needs a model with at least 2 classes")
-        probs = logits.softmax(1)[0, 1].float().cpu().numpy()
-        return labels, probs
+            return self.engine(x, "labels", normalize=norm)[0].cpu().numpy()
+        labels, probs = self.engine(x, ("labels", "probs"), normalize=norm, prob_class=1)
+        return labels[0].cpu().numpy(), probs[0].cpu().numpy()
 
     def predict_many(self, images, return_probs=False):
         """Yield ``predict`` of each path or array, in order; the next file is read from disk

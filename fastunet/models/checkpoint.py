@@ -2,10 +2,18 @@
 
 Files are read with ``torch.load(weights_only=True)``: no pickled code ever runs. Besides tensors
 and plain Python values, the numpy scalars/arrays an mmseg ``meta`` may hold are allowed, and any
-other object (e.g. mmengine's ``HistoryBuffer`` in ``message_hub``) is read as an inert
-:class:`OpaqueObject` that keeps its pickled arguments and state but runs nothing.
+other object (e.g. mmengine's ``HistoryBuffer`` in ``message_hub``, an ``argparse.Namespace`` of
+training arguments) is read as an inert :class:`OpaqueObject` that keeps its pickled arguments and
+state but runs nothing: a pickle that would call ``exec`` or ``open`` yields an
+``OpaqueObject('builtins.exec')`` instead, and the load warns (:class:`CheckpointSecurityWarning`)
+naming the calls that would have run code or opened files (foreign classes such as mmengine's
+are neutralised silently). Two cases are refused with a RuntimeError instead: calls into the ``os``,
+``posix``, ``nt`` and ``sys`` modules (torch blocks them outright) and legacy (pre-1.6, non-zip)
+files holding any object beyond tensors, plain values and numpy. Weights themselves must be
+tensors: a state_dict that holds anything else is refused with a ValueError.
 """
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -15,7 +23,23 @@ import torch
 import torch.nn as nn
 
 __all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "extract_state_dict",
-           "OpaqueObject"]
+           "OpaqueObject", "CheckpointSecurityWarning"]
+
+# Pickled calls that run code or touch files: no weights file needs them, so finding one means the
+# file was crafted (or saved carelessly). Safety does not depend on this list (every unknown
+# global is neutralised, or refused by torch); it only decides which neutralised names are worth
+# a warning. Ordinary foreign classes (mmengine's HistoryBuffer and the builtins.getattr calls its
+# state pickles, an argparse.Namespace of training arguments) load silently.
+_CODE_RUNNING = ("builtins.exec", "builtins.eval", "builtins.compile", "builtins.open",
+                 "builtins.__import__", "builtins.breakpoint", "builtins.input", "io.",
+                 "_io.", "subprocess.", "shutil.", "importlib.", "runpy.", "pickle.", "_pickle.",
+                 "marshal.", "ctypes.", "socket.", "code.", "pty.", "webbrowser.", "pathlib.",
+                 "tempfile.", "multiprocessing.", "threading.", "signal.", "platform.",
+                 "torch.hub.", "torch.load", "torch.jit.", "torch.ops.")
+
+
+class CheckpointSecurityWarning(UserWarning):
+    """A checkpoint pickled calls that would run code; they were neutralised (never run)."""
 
 
 class OpaqueObject:
@@ -65,6 +89,7 @@ def _opaque_class(name):
 
 
 def _safe_globals_for(path):
+    """(allowlist for torch.serialization.safe_globals, names neutralised as OpaqueObject)."""
     numpy_globals = _numpy_globals()
     try:
         wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -73,16 +98,33 @@ def _safe_globals_for(path):
     # all numpy pieces always: a dtype instance is checked by its class, which the pickle never
     # names (it names numpy.dtype), so it cannot be discovered from the file
     out = [(obj, name) for name, obj in numpy_globals.items()]
-    out += [(_opaque_class(name), name) for name in wanted if name not in numpy_globals]
-    return out
+    opaque = [name for name in wanted if name not in numpy_globals]
+    out += [(_opaque_class(name), name) for name in opaque]
+    return out, opaque
+
+
+def _reason(e):
+    """A short reason from torch's error: never its advice to retry with weights_only=False."""
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        # the unpickler's own words come after "WeightsUnpickler error:"
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        text = detail[0] if detail and "Weights only" not in detail[0] else "not a pickle"
+    text = text.splitlines()[0] if text else type(e).__name__
+    cut = text.find(". ")
+    text = text[:cut] if cut > 0 else text.rstrip(".")
+    return f"{type(e).__name__}: {text[:160]}"
 
 
 def read_checkpoint(path, map_location="cpu"):
     """The checkpoint file's object, read with ``weights_only=True`` (never runs pickled code)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a .pth file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with torch.serialization.safe_globals(_safe_globals_for(path)):
+    allowed, opaque = _safe_globals_for(path)
+    with torch.serialization.safe_globals(allowed):
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:
@@ -90,7 +132,24 @@ def read_checkpoint(path, map_location="cpu"):
                 raise RuntimeError(f"{path}: a legacy-format checkpoint holding objects that "
                                    f"cannot be read safely; re-save its state_dict with a recent "
                                    f"torch (torch.save(ckpt['state_dict'], new_path))") from e
-            raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+            blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(e))
+            if blocked:  # torch refuses os/posix/nt/sys outright, whatever the allowlist
+                raise RuntimeError(f"refusing checkpoint {path}: it pickles a call to "
+                                   f"{blocked.group(1)} (a weights file never needs one); "
+                                   f"nothing was executed") from e
+            if isinstance(e, (PermissionError, IsADirectoryError)):
+                raise RuntimeError(f"cannot read checkpoint {path}: {e.strerror}") from e
+            hint = ("" if zipfile.is_zipfile(path) or os.path.getsize(path) > 0 else
+                    " (the file is empty)")
+            raise RuntimeError(f"cannot read checkpoint {path}: not a readable PyTorch "
+                               f"checkpoint{hint}; is it truncated or corrupt? "
+                               f"({_reason(e)})") from e
+    suspicious = sorted(n for n in opaque if n.startswith(_CODE_RUNNING))
+    if suspicious:
+        warnings.warn(f"checkpoint {path} pickles calls that would run code or open files: "
+                      f"{_summary(suspicious)}; they were loaded as inert placeholders (never "
+                      f"executed). Only use weights from sources you trust",
+                      CheckpointSecurityWarning, stacklevel=3)
     return obj
 
 
@@ -101,9 +160,22 @@ def extract_state_dict(ckpt):
     elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         state = ckpt
     else:
+        if isinstance(ckpt, OpaqueObject) or (isinstance(ckpt, dict) and isinstance(
+                ckpt.get("state_dict"), OpaqueObject)):
+            what = ckpt if isinstance(ckpt, OpaqueObject) else ckpt["state_dict"]
+            raise ValueError(f"no weights in checkpoint: its state_dict is a pickled "
+                             f"{what.name or 'object'} (loaded inert, never executed), not a "
+                             f"dict of tensors")
         keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"no state_dict in checkpoint (expected a dict with 'state_dict' or a "
                          f"bare state_dict; found {keys})")
+    bad = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if bad:
+        kinds = sorted({v.name if isinstance(v, OpaqueObject) and v.name else type(v).__name__
+                        for k, v in state.items() if k in bad})
+        raise ValueError(f"checkpoint state_dict holds {len(bad)} entries that are not tensors "
+                         f"({_summary(bad)}: {', '.join(kinds)}); pickled objects are never "
+                         f"executed, and weights must be tensors")
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP/DP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
@@ -174,7 +246,8 @@ def save_checkpoint(path, model, meta=None, **extra):
     meta.setdefault("time", time.strftime("%Y%m%d_%H%M%S"))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    # the writer's pid in the name: a file left by a killed writer can be told from a live one
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".pth", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"meta": meta, "state_dict": state, **extra}, f)

@@ -149,12 +149,64 @@ class EncoderDecoder(nn.Module):
         return self.whole_inference(x, **options)
 
 
+def _positive_ints(value):
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                for v in values)
+
+
+def _checked(cls, cfg, where, positive):
+    """cls(**cfg), with misspelt keywords and non-positive sizes reported as one-line
+    ValueErrors naming the config key (instead of a TypeError or an error deep in torch)."""
+    import difflib
+    import inspect
+
+    params, open_ended = [], True
+    for klass in cls.__mro__:  # heads pass **kwargs on to BaseDecodeHead
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__).parameters.values()
+        params += [p.name for p in sig if p.name != "self"
+                   and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        open_ended = any(p.kind == p.VAR_KEYWORD for p in sig)
+        if not open_ended or klass is nn.Module:
+            break
+    unknown = [k for k in cfg if k not in params]
+    if unknown and not open_ended:
+        close = difflib.get_close_matches(unknown[0], params, n=1)
+        hint = f"; did you mean '{where}.{close[0]}'?" if close else ""
+        raise ValueError(f"unknown config key '{where}.{unknown[0]}' for {cls.__name__}{hint}")
+    for key in positive:
+        if key in cfg and not _positive_ints(cfg[key]):
+            raise ValueError(f"config key '{where}.{key}' must be a positive integer (or a list "
+                             f"of them), got {cfg[key]!r}")
+    return cls(**cfg)
+
+
 def _build_backbone(cfg):
     cfg = dict(cfg)
     kind = cfg.pop("type", "UNet")
     if kind != "UNet":
         raise ValueError(f"unsupported backbone type {kind!r}: fastunet implements 'UNet'")
-    return UNet(**cfg)
+    return _checked(UNet, cfg, "model.backbone", ("in_channels", "base_channels", "num_stages"))
+
+
+def _build_head(cfg, where):
+    from .heads import HEADS
+
+    cfg = dict(cfg)
+    kind = cfg.get("type")
+    if kind not in HEADS:
+        return build_head(cfg)  # its own error for an unknown type
+    cfg.pop("type")
+    return _checked(HEADS[kind], cfg, where, ("in_channels", "channels", "num_classes"))
+
+
+def _check_test_cfg(test_cfg):
+    for key in ("crop_size", "stride"):
+        if test_cfg and key in test_cfg and not _positive_ints(test_cfg[key]):
+            raise ValueError(f"config key 'model.test_cfg.{key}' must be a positive integer or "
+                             f"(h, w) pair, got {test_cfg[key]!r}")
 
 
 def build_segmentor(cfg):
@@ -179,10 +231,12 @@ def build_segmentor(cfg):
         raise ValueError(f"unknown model config keys {unknown}")
     if "backbone" not in cfg or "decode_head" not in cfg:
         raise ValueError("model config needs 'backbone' and 'decode_head'")
+    _check_test_cfg(cfg.get("test_cfg"))
     aux = cfg.get("auxiliary_head")
     if isinstance(aux, (list, tuple)):
-        aux = [build_head(c) for c in aux]
+        aux = [_build_head(c, f"model.auxiliary_head.{i}") for i, c in enumerate(aux)]
     elif aux is not None:
-        aux = build_head(aux)
-    return EncoderDecoder(_build_backbone(cfg["backbone"]), build_head(cfg["decode_head"]),
-                          aux, cfg.get("test_cfg"))
+        aux = _build_head(aux, "model.auxiliary_head")
+    return EncoderDecoder(_build_backbone(cfg["backbone"]),
+                          _build_head(cfg["decode_head"], "model.decode_head"), aux,
+                          cfg.get("test_cfg"))

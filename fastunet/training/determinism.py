@@ -18,7 +18,6 @@ DataLoader workers are seeded. CPU runs are repeatable without this switch, give
 number of threads. Cost: none measurable on CPU; on CUDA the matrix-product backward and the
 loss of cuDNN autotuning (see benchmarks/bench_train.py, the ``deterministic`` case).
 """
-import os
 
 import torch
 
@@ -132,20 +131,17 @@ def enable(device):
 
     Returns a function that restores the previous settings (these switches are process-wide).
     """
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    from ..runtime import set_deterministic
+
+    # the process-wide switches (and the inference engine's fixed planning, used by the
+    # evaluations) are fastunet.set_deterministic's; the backward kernels are added here
+    restore_switches = set_deterministic(True)
     registered = torch.device(device).type == "cuda" and _LIBRARY is None
     if registered:
         register_cuda_kernels()
 
     def restore():
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        restore_switches()
         if registered:
             unregister_cuda_kernels()
     return restore

@@ -30,7 +30,7 @@ import torch
 from ..models.checkpoint import read_checkpoint, save_checkpoint
 
 __all__ = ["rng_state", "set_rng_state", "save_training_checkpoint", "latest_checkpoint",
-           "link_or_copy", "load_training_checkpoint", "BEST_PREFIX"]
+           "link_or_copy", "load_training_checkpoint", "remove_stale_temp_files", "BEST_PREFIX"]
 
 BEST_PREFIX = "best_vessel_dice_iter_"
 
@@ -67,7 +67,7 @@ def _as_python_state(state):
 def link_or_copy(src, dst):
     """Make ``dst`` the same file as ``src``, atomically (hard link, else copy), replacing it."""
     folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".pth", dir=folder)
     os.close(fd)
     os.remove(tmp)
     try:
@@ -128,3 +128,22 @@ def load_training_checkpoint(path):
                          f"resume a run; start a new run from it with "
                          f"--load-from {path}")
     return ckpt
+
+
+def remove_stale_temp_files(work_dir):
+    """Delete the temporary files a run killed while writing left in ``work_dir``: checkpoints
+    (``.tmp-<pid>-*.pth``) and pictures (``.NAME.<pid>.<hex>.tmp``, curves and overlays); those
+    of running processes stay. Returns their paths."""
+    from ..data.io import remove_stale_temp_files as remove_png_temps
+    from ..runtime import pid_alive
+
+    removed = remove_png_temps(work_dir)
+    for name in os.listdir(work_dir):
+        m = re.fullmatch(r"\.tmp-(\d+)-.*\.pth", name)
+        if m and not pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(work_dir, name))
+                removed.append(os.path.join(work_dir, name))
+            except OSError:
+                pass
+    return removed

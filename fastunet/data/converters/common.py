@@ -39,6 +39,8 @@ class Archive:
         self.path = os.fspath(path)
         self.name = os.path.basename(self.path)
         self._lock = threading.Lock()
+        if os.path.isdir(self.path):
+            raise ConvertError(f"{self.path}: is a folder; pass the archive files themselves")
         if not os.path.isfile(self.path):
             raise ConvertError(f"{self.path}: no such file")
         if os.path.getsize(self.path) == 0:
@@ -54,8 +56,8 @@ class Archive:
                 self._tar_members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
                 self.members = list(self._tar_members)
             else:
-                raise ConvertError(f"{self.path}: not a zip or tar archive "
-                                   "(corrupt or wrong file?)")
+                raise ConvertError(f"{self.path}: not a zip or tar archive (truncated, "
+                                   "corrupt or the wrong file?); download it again")
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
             raise ConvertError(f"{self.path}: cannot read archive ({e}); "
                                "download it again") from None
