@@ -111,6 +111,23 @@ def test_whole_inference():
         torch.testing.assert_close(model.inference(x), model.encode_decode(x))
 
 
+
+def test_inference_takes_any_mode_over_the_config_default():
+    model = tiny().eval()  # a slide config
+    x = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model.inference(x, mode="whole"), model.encode_decode(x))
+        tile = model.inference(x, mode="overlap-tile", tile_size=64, margin=16)
+        assert tile.shape == (1, 2, 48, 80) and torch.isfinite(tile).all()
+        # overlap-tile pads by reflection, so it differs from whole near borders only
+        assert not torch.equal(tile, model.encode_decode(x))
+        with pytest.raises(ValueError, match="unknown inference mode 'tiles'"):
+            model.inference(x, mode="tiles")
+    whole = tiny(mode="whole")
+    whole.test_cfg = {"mode": "whole"}  # a whole-image config without window settings
+    with pytest.raises(ValueError, match="crop_size and stride"):
+        whole.inference(x, mode="slide")
+
 def test_loss_keys_and_values():
     model = tiny().train()
     for m in model.modules():  # dropout off so the heads can be recomputed by hand

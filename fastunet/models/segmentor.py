@@ -138,15 +138,25 @@ class EncoderDecoder(nn.Module):
         downsample rate and cropped back when needed)."""
         return self._engine("whole", **options)(x)
 
-    def inference(self, x, **options):
-        """Logits (N, C, H, W) of normalised images, in the config's test mode (slide/whole),
-        computed by the inference engine (no autograd; call in eval mode, as mmseg does).
-        ``options`` go to :class:`fastunet.inference.InferenceEngine` (window_batch,
-        precision, tta, output_device, ...)."""
-        if self.test_cfg.get("mode", "whole") == "slide":
-            return self.slide_inference(x, self.test_cfg["crop_size"], self.test_cfg["stride"],
-                                        **options)
-        return self.whole_inference(x, **options)
+    def inference(self, x, mode=None, **options):
+        """Logits (N, C, H, W) of normalised images, in ``mode`` ("slide", "overlap-tile" or
+        "whole"; default: the config's test mode), computed by the inference engine (no
+        autograd; call in eval mode, as mmseg does). ``options`` go to
+        :class:`fastunet.inference.InferenceEngine` (window_batch, precision, tta,
+        output_device, ...)."""
+        mode = self.test_cfg.get("mode", "whole") if mode is None else mode
+        if mode == "slide":
+            crop, stride = self.test_cfg.get("crop_size"), self.test_cfg.get("stride")
+            if crop is None or stride is None:
+                raise ValueError("slide inference needs test_cfg crop_size and stride; this "
+                                 "config has none (use mode='whole' or 'overlap-tile')")
+            return self.slide_inference(x, crop, stride, **options)
+        if mode == "whole":
+            return self.whole_inference(x, **options)
+        if mode == "overlap-tile":
+            return self._engine("overlap-tile", **options)(x)
+        raise ValueError(f"unknown inference mode {mode!r}: use 'slide', 'overlap-tile' or "
+                         "'whole'")
 
 
 def _positive_ints(value):

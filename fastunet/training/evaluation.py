@@ -28,28 +28,9 @@ def predict_logits(model, x, mode=None, **options):
     ``options`` go to the inference engine (:class:`fastunet.inference.InferenceEngine`:
     channels_last, cuda_graphs, precision, ...).
     """
-    cfg_mode = model.test_cfg.get("mode", "whole")
-    if mode is None or mode == cfg_mode:
-        return model.inference(x, **options)
-    if mode == "whole":
-        return model.whole_inference(x, **options)
-    if mode == "slide":
-        if "crop_size" not in model.test_cfg or "stride" not in model.test_cfg:
-            raise ValueError("--mode slide needs model.test_cfg crop_size and stride in the "
-                             "config")
-        return model.slide_inference(x, model.test_cfg["crop_size"], model.test_cfg["stride"],
-                                     **options)
-    if mode == "overlap-tile":
-        from ..inference.engine import InferenceEngine
-
-        key = tuple(sorted(options.items()))
-        engines = model.__dict__.setdefault("_overlap_tile_engines", {})
-        if key not in engines:  # kept, so the engine's batch-size probe runs once
-            engines[key] = InferenceEngine(
-                model.encode_decode, "overlap-tile",
-                size_divisor=getattr(model.backbone, "downsample_rate", 16), **options)
-        return engines[key](x)
-    raise ValueError(f"unknown test mode {mode!r}; choose one of {', '.join(TEST_MODES)}")
+    if mode is not None and mode not in TEST_MODES:
+        raise ValueError(f"unknown test mode {mode!r}; choose one of {', '.join(TEST_MODES)}")
+    return model.inference(x, mode=mode, **options)
 
 
 def error_overlay(rgb, pred, label, fov=None):
