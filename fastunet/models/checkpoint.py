@@ -1,16 +1,14 @@
 """Checkpoints: load fastunet and mmseg ``.pth`` files safely; save atomically in mmseg's layout.
 
 Files are read with ``torch.load(weights_only=True)``: no pickled code ever runs. Besides tensors
-and plain Python values, the numpy scalars/arrays an mmseg ``meta`` may hold are allowed, and any
-other object (e.g. mmengine's ``HistoryBuffer`` in ``message_hub``, an ``argparse.Namespace`` of
-training arguments) is read as an inert :class:`OpaqueObject` that keeps its pickled arguments and
-state but runs nothing: a pickle that would call ``exec`` or ``open`` yields an
-``OpaqueObject('builtins.exec')`` instead, and the load warns (:class:`CheckpointSecurityWarning`)
-naming the calls that would have run code or opened files (foreign classes such as mmengine's
-are neutralised silently). Two cases are refused with a RuntimeError instead: calls into the ``os``,
-``posix``, ``nt`` and ``sys`` modules (torch blocks them outright) and legacy (pre-1.6, non-zip)
-files holding any object beyond tensors, plain values and numpy. Weights themselves must be
-tensors: a state_dict that holds anything else is refused with a ValueError.
+and plain Python values, the numpy scalars/arrays an mmseg ``meta`` may hold are allowed, and other
+classes (e.g. mmengine's ``HistoryBuffer`` in ``message_hub``, an ``argparse.Namespace`` of
+training arguments) are read as inert :class:`OpaqueObject` s that keep their pickled arguments and
+state but run nothing. A file that pickles a call which would run code or touch files (``exec``,
+``open``, ``os.system``, ``subprocess``, ...) is refused with an :class:`UnsafeCheckpointError`
+(a RuntimeError) naming those calls; nothing in it was executed. Legacy (pre-1.6, non-zip) files
+holding any object beyond tensors, plain values and numpy are refused too. Weights themselves must
+be tensors: a state_dict that holds anything else is refused with a ValueError.
 """
 import os
 import re
@@ -23,12 +21,12 @@ import torch
 import torch.nn as nn
 
 __all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "extract_state_dict",
-           "OpaqueObject", "CheckpointSecurityWarning"]
+           "OpaqueObject", "UnsafeCheckpointError"]
 
 # Pickled calls that run code or touch files: no weights file needs them, so finding one means the
 # file was crafted (or saved carelessly). Safety does not depend on this list (every unknown
-# global is neutralised, or refused by torch); it only decides which neutralised names are worth
-# a warning. Ordinary foreign classes (mmengine's HistoryBuffer and the builtins.getattr calls its
+# global is neutralised, or refused by torch); it only decides which neutralised names make the
+# file refused. Ordinary foreign classes (mmengine's HistoryBuffer and the builtins.getattr calls its
 # state pickles, an argparse.Namespace of training arguments) load silently.
 _CODE_RUNNING = ("builtins.exec", "builtins.eval", "builtins.compile", "builtins.open",
                  "builtins.__import__", "builtins.breakpoint", "builtins.input", "io.",
@@ -38,8 +36,9 @@ _CODE_RUNNING = ("builtins.exec", "builtins.eval", "builtins.compile", "builtins
                  "torch.hub.", "torch.load", "torch.jit.", "torch.ops.")
 
 
-class CheckpointSecurityWarning(UserWarning):
-    """A checkpoint pickled calls that would run code; they were neutralised (never run)."""
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint pickles calls that would run code or touch files; it was not loaded (nothing
+    in it was executed)."""
 
 
 class OpaqueObject:
@@ -134,9 +133,9 @@ def read_checkpoint(path, map_location="cpu"):
                                    f"torch (torch.save(ckpt['state_dict'], new_path))") from e
             blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(e))
             if blocked:  # torch refuses os/posix/nt/sys outright, whatever the allowlist
-                raise RuntimeError(f"refusing checkpoint {path}: it pickles a call to "
-                                   f"{blocked.group(1)} (a weights file never needs one); "
-                                   f"nothing was executed") from e
+                raise UnsafeCheckpointError(
+                    f"refusing checkpoint {path}: it pickles a call to {blocked.group(1)} (a "
+                    f"weights file never needs one); nothing was executed") from e
             if isinstance(e, (PermissionError, IsADirectoryError)):
                 raise RuntimeError(f"cannot read checkpoint {path}: {e.strerror}") from e
             hint = ("" if zipfile.is_zipfile(path) or os.path.getsize(path) > 0 else
@@ -146,10 +145,11 @@ def read_checkpoint(path, map_location="cpu"):
                                f"({_reason(e)})") from e
     suspicious = sorted(n for n in opaque if n.startswith(_CODE_RUNNING))
     if suspicious:
-        warnings.warn(f"checkpoint {path} pickles calls that would run code or open files: "
-                      f"{_summary(suspicious)}; they were loaded as inert placeholders (never "
-                      f"executed). Only use weights from sources you trust",
-                      CheckpointSecurityWarning, stacklevel=3)
+        raise UnsafeCheckpointError(
+            f"refusing checkpoint {path}: it pickles calls that would run code or open files "
+            f"({_summary(suspicious)}; a weights file never needs them); nothing was executed. "
+            f"If you trust its source, re-save only its weights: torch.save({{'state_dict': "
+            f"torch.load(path, weights_only=False)['state_dict']}}, new_path)")
     return obj
 
 
