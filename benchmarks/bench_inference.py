@@ -172,19 +172,19 @@ def test_cuda_drive_bf16_images_per_second(benchmark, mode):
             tflops=flops * best / 1e12, matmul_bf16_tflops=_matmul_tflops("cuda", torch.bfloat16))
 
 
+def _hrf_cuda_model():
+    torch.manual_seed(0)
+    model = fastunet.build_segmentor(
+        fastunet.get_config("fcn_unet_s5-d16_256x256_40k_hrf")).eval()
+    return fastunet.fuse(model).to("cuda", memory_format=torch.channels_last)
+
+
 @CUDA[0]
 @CUDA[1]
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_hrf_images_per_second_and_memory(benchmark, precision):
     x = torch.randn(1, 3, *HRF, device="cuda")
-    torch.manual_seed(0)
-    model = fastunet.build_segmentor(
-        fastunet.get_config("fcn_unet_s5-d16_256x256_40k_hrf")).eval()
-    try:
-        model = fastunet.fuse(model)
-    except (AttributeError, ImportError):
-        pass
-    model = model.to("cuda", memory_format=torch.channels_last)
+    model = _hrf_cuda_model()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()  # weights and the input image
@@ -200,3 +200,30 @@ def test_cuda_hrf_images_per_second_and_memory(benchmark, precision):
             window_batch=engine.last_schedule["window_batch"],
             cudnn_tf32=torch.backends.cudnn.allow_tf32,
             tflops=6.32e9 * 16 * 294 / seconds / 1e12)
+
+
+@CUDA[0]
+@CUDA[1]
+def test_cuda_hrf_bf16_window_batch_vs_memory(benchmark):
+    """HRF slide bf16 at fixed window batches: images/s against peak memory, to choose the
+    automatic batch that keeps HRF under 4 GB (issue 5) at the least cost in speed."""
+    x = torch.randn(1, 3, *HRF, device="cuda")
+    model = _hrf_cuda_model()
+    sweep = {}
+    for batch in (16, 32, 64, 128):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        engine = InferenceEngine(model.encode_decode, "slide", 256, 170, precision="bf16",
+                                 channels_last=True, window_batch=batch)
+        engine(x)
+        engine(x)  # captures the CUDA graph
+        seconds = best_of_device(lambda: engine(x), "cuda", rounds=3)
+        sweep[batch] = dict(images_per_s=1 / seconds,
+                            peak_memory_GiB=(torch.cuda.max_memory_allocated() - base) / 2**30)
+        del engine
+    benchmark.pedantic(lambda: None, rounds=1, warmup_rounds=0)
+    _report(benchmark, "cuda hrf slide bf16 window-batch sweep",
+            device=torch.cuda.get_device_name(),
+            **{f"batch{b}_{k}": v for b, r in sweep.items() for k, v in r.items()})

@@ -7,7 +7,7 @@
 # benchmarks are stopped with SIGINT, which still writes the JSON of the finished cases.
 #
 #   OUT=/some/dir bash benchmarks/run_gpu.sh
-#   env: PYTHON, MAX_JOBS, TOTAL_S, TEST_TIMEOUT (120), BENCH_TIMEOUT (90), CONFIGS_TIMEOUT (140)
+#   env: PYTHON, MAX_JOBS, TOTAL_S, TEST_TIMEOUT (120), BENCH_TIMEOUT (110), CONFIGS_TIMEOUT (140)
 #
 # Files (7, one folder): device.json, build.log, cuda_tests.log, bench_gpu.log, bench_gpu.json
 # (kernels, tiles, inference, training), bench_gpu_configs.json (every published config and
@@ -61,7 +61,7 @@ timeout -k 10 "$(limit "${TEST_TIMEOUT:-120}" 240)" "$PY" -m pytest tests -m cud
 test_status=${PIPESTATUS[0]}
 
 step "GPU benchmarks: kernels, tiles, inference, training"
-timeout -s INT -k 15 "$(limit "${BENCH_TIMEOUT:-90}" 150)" "$PY" -m pytest benchmarks -m cuda \
+timeout -s INT -k 15 "$(limit "${BENCH_TIMEOUT:-110}" 150)" "$PY" -m pytest benchmarks -m cuda \
   --ignore=benchmarks/bench_configs.py --benchmark-only -q -s -p no:cacheprovider \
   --benchmark-json="$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | progress
 bench_status=${PIPESTATUS[0]}
