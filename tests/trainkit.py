@@ -54,3 +54,12 @@ def assert_same_state(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def assert_same_run(a, b, iteration):
+    """Two training checkpoints both at ``iteration`` with bitwise equal weights and SGD
+    momentum buffers: an interrupted and resumed run ended where an uninterrupted one did."""
+    assert a["meta"]["iteration"] == b["meta"]["iteration"] == iteration
+    assert_same_state(a["state_dict"], b["state_dict"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])

@@ -274,32 +274,13 @@ def read_label(path):
     return decode_label(_read_bytes(path), str(path))
 
 
-_TMP_RE = None
-
-
 def remove_stale_temp_files(folder):
     """Delete the temporary files that ``write_png`` calls killed mid-write left in ``folder``
     (recursively): ``.NAME.<pid>.<hex>.tmp`` of processes no longer running on this machine.
     Returns their paths. Files of running processes, and anything else, are left alone."""
-    import re
+    from ..runtime import remove_files_of_dead_writers
 
-    from ..runtime import pid_alive
-
-    global _TMP_RE
-    if _TMP_RE is None:
-        _TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
-    removed = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            m = _TMP_RE.match(name)
-            if not m or pid_alive(int(m.group(1))):
-                continue
-            try:
-                os.unlink(os.path.join(root, name))
-                removed.append(os.path.join(root, name))
-            except OSError:
-                pass
-    return removed
+    return remove_files_of_dead_writers(folder, r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
 
 
 def write_png(path, array, compress_level=6):

@@ -135,15 +135,7 @@ def remove_stale_temp_files(work_dir):
     (``.tmp-<pid>-*.pth``) and pictures (``.NAME.<pid>.<hex>.tmp``, curves and overlays); those
     of running processes stay. Returns their paths."""
     from ..data.io import remove_stale_temp_files as remove_png_temps
-    from ..runtime import pid_alive
+    from ..runtime import remove_files_of_dead_writers
 
-    removed = remove_png_temps(work_dir)
-    for name in os.listdir(work_dir):
-        m = re.fullmatch(r"\.tmp-(\d+)-.*\.pth", name)
-        if m and not pid_alive(int(m.group(1))):
-            try:
-                os.remove(os.path.join(work_dir, name))
-                removed.append(os.path.join(work_dir, name))
-            except OSError:
-                pass
-    return removed
+    return remove_png_temps(work_dir) + remove_files_of_dead_writers(
+        work_dir, r"\.tmp-(\d+)-.*\.pth", recursive=False)
