@@ -8,6 +8,7 @@ import copy
 
 import torch.nn as nn
 
+from ..nn import cpu_inference_layout
 from .heads import build_head, resize
 from .unet import UNet
 
@@ -53,9 +54,16 @@ class EncoderDecoder(nn.Module):
         return self.backbone(x)
 
     def encode_decode(self, x):
-        """Normalised images (N, 3, h, w) -> decode-head logits resized to (N, C, h, w)."""
-        seg_logits = self.decode_head(self.extract_feat(x))
-        return resize(seg_logits, x.shape[2:], align_corners=self.align_corners)
+        """Normalised images (N, 3, h, w) -> decode-head logits resized to (N, C, h, w).
+
+        The logits come back in x's memory format. On CPU, a model with fused inference blocks
+        runs an NCHW input in channels_last inside (see ``nn.cpu_inference_layout``).
+        """
+        layout = cpu_inference_layout(self, x)
+        inner = x if layout is None else x.contiguous(memory_format=layout)
+        seg_logits = self.decode_head(self.extract_feat(inner))
+        out = resize(seg_logits, x.shape[2:], align_corners=self.align_corners)
+        return out if layout is None else out.contiguous()
 
     def forward(self, x):
         """Same as :meth:`encode_decode`."""
