@@ -21,8 +21,57 @@
 #include "common/bn_relu_args.h"
 #include "common/conv_bias_relu.h"
 
+// The NHWC row loops, built for the baseline ISA and, on x86 with GCC/Clang, for AVX2 (picked at
+// run time). Both builds give identical results (see the header).
+namespace fastunet {
+namespace nhwc_base {
+#include "cpu/bn_relu_nhwc_rows.h"
+}  // namespace nhwc_base
+}  // namespace fastunet
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTUNET_NHWC_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace fastunet {
+namespace nhwc_avx2 {
+#include "cpu/bn_relu_nhwc_rows.h"
+}  // namespace nhwc_avx2
+}  // namespace fastunet
+#pragma GCC pop_options
+#endif
+
 namespace fastunet {
 namespace {
+
+bool cpu_has_avx2() {
+#ifdef FASTUNET_NHWC_AVX2
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// FASTUNET_NHWC(f<T>(args)) calls nhwc_avx2::f on CPUs with AVX2, else nhwc_base::f.
+#ifdef FASTUNET_NHWC_AVX2
+#define FASTUNET_NHWC(...) (cpu_has_avx2() ? nhwc_avx2::__VA_ARGS__ : nhwc_base::__VA_ARGS__)
+#else
+#define FASTUNET_NHWC(...) nhwc_base::__VA_ARGS__
+#endif
+
+// Per-channel constants of ChannelAffine as separate arrays, which the row loops vectorise over.
+template <typename T>
+struct AffineArrays {
+  std::vector<T> mean, invstd, scale, beta;
+  explicit AffineArrays(const std::vector<ChannelAffine<T>>& aff) {
+    for (const auto& f : aff) {
+      mean.push_back(f.mean);
+      invstd.push_back(f.invstd);
+      scale.push_back(f.scale);
+      beta.push_back(f.beta);
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // conv_bias_relu
@@ -120,20 +169,9 @@ void stats_impl(const scalar_t* x, const BnShape& s, stat_t* mean_out, stat_t* v
   std::vector<acc_t> pmean(chunks * s.c, acc_t(0)), pm2(chunks * s.c, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      acc_t* m = pmean.data() + k * s.c;
-      acc_t* q = pm2.data() + k * s.c;
       const int64_t r_end = std::min(rows, (k + 1) * chunk);
-      int64_t count = 0;
-      for (int64_t r = k * chunk; r < r_end; ++r) {
-        const scalar_t* row = x + r * s.c;
-        const acc_t inv = acc_t(1) / acc_t(++count);
-        for (int64_t c = 0; c < s.c; ++c) {  // Welford, vectorised across channels
-          const acc_t v = acc_t(row[c]);
-          const acc_t d = v - m[c];
-          m[c] += d * inv;
-          q[c] += d * (v - m[c]);
-        }
-      }
+      FASTUNET_NHWC(welford_rows<scalar_t, acc_t>(x, k * chunk, r_end, s.c,
+                                                  pmean.data() + k * s.c, pm2.data() + k * s.c));
     }
   });
   at::parallel_for(0, s.c, 16, [&](int64_t c0, int64_t c1) {
@@ -200,13 +238,14 @@ at::Tensor bn_relu_cpu(const at::Tensor& input, const at::Tensor& mean, const at
         }
       });
     } else {
+      const AffineArrays<opmath_t> f(aff);
       at::parallel_for(0, s.n * s.hw, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = x + r * s.c;
-          scalar_t* yr = y + r * s.c;
-          for (int64_t c = 0; c < s.c; ++c)
-            yr[c] = scalar_t(apply_relu(aff[c].pre(opmath_t(xr[c])), relu));
-        }
+        if (relu)
+          FASTUNET_NHWC(bn_relu_rows<scalar_t, opmath_t, true>(
+              x, y, r0, r1, s.c, f.mean.data(), f.scale.data(), f.beta.data()));
+        else
+          FASTUNET_NHWC(bn_relu_rows<scalar_t, opmath_t, false>(
+              x, y, r0, r1, s.c, f.mean.data(), f.scale.data(), f.beta.data()));
       });
     }
   });
@@ -245,19 +284,21 @@ void backward_reduce_impl(const scalar_t* dy, const scalar_t* x, const BnShape& 
   const int64_t chunk = row_chunk(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<acc_t> pa(chunks * s.c, acc_t(0)), pb(chunks * s.c, acc_t(0));
+  const AffineArrays<stat_t> f(aff);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<stat_t> tg(s.c), th(s.c);
     for (int64_t k = k0; k < k1; ++k) {
       acc_t* a = pa.data() + k * s.c;
       acc_t* b = pb.data() + k * s.c;
-      const int64_t r_end = std::min(rows, (k + 1) * chunk);
-      for (int64_t r = k * chunk; r < r_end; ++r) {
-        for (int64_t c = 0; c < s.c; ++c) {
-          const stat_t xv = stat_t(x[r * s.c + c]);
-          const acc_t g = acc_t(relu_grad(stat_t(dy[r * s.c + c]), aff[c].pre(xv), relu));
-          a[c] += g;
-          b[c] += g * acc_t(aff[c].xhat(xv));
-        }
-      }
+      const int64_t r0 = k * chunk, r1 = std::min(rows, (k + 1) * chunk);
+      if (relu)
+        FASTUNET_NHWC(bn_relu_reduce_rows<scalar_t, stat_t, acc_t, true>(
+            dy, x, r0, r1, s.c, f.mean.data(), f.invstd.data(), f.scale.data(), f.beta.data(), a,
+            b, tg.data(), th.data()));
+      else
+        FASTUNET_NHWC(bn_relu_reduce_rows<scalar_t, stat_t, acc_t, false>(
+            dy, x, r0, r1, s.c, f.mean.data(), f.invstd.data(), f.scale.data(), f.beta.data(), a,
+            b, tg.data(), th.data()));
     }
   });
   for (int64_t c = 0; c < s.c; ++c) {
@@ -328,9 +369,16 @@ at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_out, const at::Tens
           for (int64_t i = p * s.hw; i < (p + 1) * s.hw; ++i) elem(i, p % s.c);
       });
     } else {
+      const AffineArrays<opmath_t> f(aff);
       at::parallel_for(0, s.n * s.hw, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = 0; c < s.c; ++c) elem(r * s.c + c, c);
+        if (relu)
+          FASTUNET_NHWC(bn_relu_elemt_rows<scalar_t, opmath_t, true>(
+              g, x, out, r0, r1, s.c, f.mean.data(), f.invstd.data(), f.scale.data(),
+              f.beta.data(), m1, m2));
+        else
+          FASTUNET_NHWC(bn_relu_elemt_rows<scalar_t, opmath_t, false>(
+              g, x, out, r0, r1, s.c, f.mean.data(), f.invstd.data(), f.scale.data(),
+              f.beta.data(), m1, m2));
       });
     }
   });
