@@ -75,13 +75,13 @@ void bn_relu_elemt_rows(const scalar_t* __restrict dy, const scalar_t* __restric
 }
 
 // Welford over rows r0..r1 into per-channel mean m and squared-deviation sum q (zero on entry)
+// (inv[i] = 1 / (i + 1): Welford's per-row weights, divided once per call, not once per row)
 template <typename scalar_t, typename acc_t>
 void welford_rows(const scalar_t* __restrict x, int64_t r0, int64_t r1, int64_t C,
-                  acc_t* __restrict m, acc_t* __restrict q) {
-  int64_t count = 0;
+                  acc_t* __restrict m, acc_t* __restrict q, const acc_t* __restrict inv_count) {
   for (int64_t r = r0; r < r1; ++r) {
     const scalar_t* __restrict row = x + r * C;
-    const acc_t inv = acc_t(1) / acc_t(++count);
+    const acc_t inv = inv_count[r - r0];
 #pragma GCC ivdep
     for (int64_t c = 0; c < C; ++c) {
       const acc_t v = acc_t(row[c]);
