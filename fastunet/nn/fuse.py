@@ -74,22 +74,23 @@ class FoldedConv2d(nn.Module):
                                   self.groups, relu=self.relu)
 
 
-def cpu_inference_layout(model, x):
-    """channels_last if `model` (in eval mode) should run the NCHW CPU input x in channels_last.
+def cpu_fused_layout(model, x):
+    """channels_last if `model` should run the NCHW CPU input x in channels_last, else None.
 
-    oneDNN's fused convolutions are much faster in NHWC on CPU (UNet-S5-D16 + FCN, batch 8 of
-    64x64 on 2 cores: 0.68 s vs 1.12 s in NCHW, benchmarks/bench_conv_bn_relu.py), so a model
-    with fused inference blocks converts its input once where it enters and its output back,
-    instead of every block paying a layout round trip. None when nothing should change.
+    oneDNN's convolutions and fastunet's fused CPU kernels are much faster in NHWC (UNet-S5-D16
+    + FCN on 2 cores: inference on a batch of 8 64x64 windows 0.68 s vs 1.12 s in NCHW,
+    benchmarks/bench_conv_bn_relu.py; the fused training step 0.51 vs 0.66 s,
+    benchmarks/bench_train.py), so a model with fused blocks (inference or training) converts
+    its input once where it enters, instead of every block paying a layout round trip.
     """
-    if (model.training or x.device.type != "cpu" or x.dim() != 4 or x.dtype not in
-            (torch.float32, torch.bfloat16) or not x.is_contiguous()
+    if (x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
+            or not x.is_contiguous()
             or x.is_contiguous(memory_format=torch.channels_last)  # C == 1 or H == W == 1
             or not torch.backends.mkldnn.is_available()):
         return None
     for m in model.modules():
         if isinstance(m, FoldedConv2d) or (isinstance(m, ConvBNReLU) and m.with_norm
-                                           and not m.bn.training and m.is_fused_for(x)):
+                                           and m.is_fused_for(x)):
             return torch.channels_last
     return None
 
