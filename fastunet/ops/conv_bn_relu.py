@@ -4,8 +4,9 @@ Inference: ``fold_bn`` folds an eval-mode BatchNorm into the conv weight and bia
 ``conv_bias_relu`` runs conv + bias + ReLU in one pass (oneDNN post-op on CPU, cuDNN fused
 conv-bias-activation on CUDA).
 
-Training: ``conv_bn_relu_train`` runs the convolution (ATen/cuDNN), the per-channel batch
-statistics, normalise+affine+ReLU and the fused backward. It saves only the conv output and the
+Training: ``conv_bn_relu_train`` runs the convolution (ATen/cuDNN; on CPU, small wide layers as
+GEMMs, see ``cpu_gemm_conv``), the per-channel batch statistics, normalise+affine+ReLU and the
+fused backward. It saves only the conv output and the
 statistics: the backward recomputes the normalised values and the ReLU mask, and the block's
 input is rebuilt from the previous block's saved conv output when it has a recipe
 (``fastunet.ops.recompute``). ``batch_norm_relu`` is the BN+ReLU part alone (traceable by
