@@ -59,11 +59,13 @@ CPU_FUSED_MIN_BASE_CHANNELS = 64
 def _auto_fused(model, device):
     """``--fused auto``: None (the fused training kernels) or False (the plain modules).
 
-    Fused on GPUs (memory, bandwidth). On CPU, where the convolutions take most of the step,
-    only for full-width backbones: benchmarks/bench_train.py::test_cpu_fused_auto on 2 EPYC
-    cores (channels_last, fp32) measured the FCN config (base_channels 64, batch 4) at 0.48 s
-    fused vs 0.52 s plain per iteration, but the narrow synthetic default (base_channels 16,
-    batch 8) at 84 vs 70 ms: its blocks are too small for the fused kernels' savings to
+    Fused on GPUs (memory, bandwidth). On CPU, where the convolutions take most of the step
+    (82% of the unfused FCN step), only for full-width backbones:
+    benchmarks/bench_train.py::test_cpu_fused_auto on 2 EPYC cores (channels_last, fp32, five
+    runs) measured the FCN config (base_channels 64, batch 4) at 0.50-0.54 s fused vs
+    0.50-0.56 s plain per iteration (0.99-1.08x, median 1.05x, and one saved activation per
+    block instead of two), but the narrow synthetic default (base_channels 16, batch 8) at
+    84-97 vs 70-77 ms (0.76-0.83x): its blocks are too small for the fused kernels' savings to
     outweigh their fixed per-block costs.
     """
     if device.type == "cuda":
