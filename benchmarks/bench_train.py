@@ -10,7 +10,10 @@ round by round, so a busy machine slows all of them alike; they are in ``extra_i
 
 - ``test_cpu_iteration``: UNet-S5-D16 + FCN at full width, batch 4 x 64x64, fused
   Conv-BN-ReLU (the default) vs the eager unfused modules (``fused=False``, = FASTUNET_FUSED=0),
-  each in NCHW and channels_last;
+  each in NCHW and channels_last, and the reference's convolutions alone (forward + backward):
+  the floor no fusion of the rest can go under;
+- ``test_cpu_fused_auto``: fused vs plain modules as the CLI trains on CPU (channels_last), on
+  the default synthetic config and the full-width FCN: the figures behind ``--fused auto``;
 - ``test_cpu_data_vs_model``: samples/s of mmseg's training pipeline (one process, DRIVE-size
   synthetic images, 64x64 crops) vs samples/s the models consume in training (the synthetic
   default config, and the full-width FCN);
@@ -25,6 +28,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastunet
 from fastunet.models import apply_overrides
@@ -78,19 +82,70 @@ def _interleaved(runs, rounds, warmup=2):
     return best
 
 
+def _conv_only(parts):
+    """A runner of the model's convolutions alone, forward and backward (the gradients the step
+    needs), each on inputs of its shape and layout: the floor of any Conv-BN-ReLU fusion."""
+    step, _, _, x, y = parts
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: calls.append((m, a[0])))
+             for m in step.modules() if isinstance(m, torch.nn.Conv2d)]
+    step(x, y)
+    for h in hooks:
+        h.remove()
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
+        not x.is_contiguous() else torch.contiguous_format
+    cases = []
+    for m, a in calls:
+        inp = torch.randn(a.shape).contiguous(memory_format=fmt)
+        w = m.weight.detach()
+        out = F.conv2d(inp, w, None, m.stride, m.padding, m.dilation, m.groups)
+        mask = [a.requires_grad, True, m.bias is not None]
+        cases.append((m, inp, w, torch.randn_like(out), mask))
+
+    def run():
+        for m, inp, w, grad, mask in cases:
+            F.conv2d(inp, w, None, m.stride, m.padding, m.dilation, m.groups)
+            torch.ops.aten.convolution_backward(
+                grad, inp, w, [w.shape[0]] if mask[2] else None, m.stride, m.padding,
+                m.dilation, False, [0, 0], m.groups, mask)
+    return run
+
+
 def test_cpu_iteration(benchmark):
     cfg = "fcn_unet_s5-d16_64x64_40k_drive"
-    runs = {f"{'fused' if f else 'unfused'}{'_cl' if cl else ''}":
-            _runner(_setup(cfg, 4, 64, "cpu", fused=f, channels_last=cl))
-            for f in (True, False) for cl in (False, True)}
+    parts = {f"{'fused' if f else 'unfused'}{'_cl' if cl else ''}":
+             _setup(cfg, 4, 64, "cpu", fused=f, channels_last=cl)
+             for f in (True, False) for cl in (False, True)}
+    runs = {k: _runner(v) for k, v in parts.items()}
+    runs["conv_only"] = _conv_only(parts["unfused"])
     t = _interleaved(runs, rounds=5)
-    benchmark.pedantic(runs["fused"], rounds=3, warmup_rounds=1)
+    benchmark.pedantic(runs["fused_cl"], rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(
         case="fcn full width, batch 4 x 64x64, fp32, CPU",
         **{f"{k}_s": v for k, v in t.items()},
         fused_speedup=t["unfused"] / t["fused"],                 # fused vs the eager reference
         fused_channels_last_speedup=t["unfused"] / t["fused_cl"],
-        cli_cpu_recipe_speedup=t["unfused"] / t["unfused_cl"],   # what --fused auto runs on CPU
+        cli_cpu_recipe_speedup=t["unfused"] / t["fused_cl"],     # what --fused auto runs here
+        # the reference's convolutions (oneDNN, NCHW) alone, forward and backward
+        conv_share_of_reference=t["conv_only"] / t["unfused"],
+        threads=torch.get_num_threads())
+
+
+def test_cpu_fused_auto(benchmark):
+    """What train.py's --fused auto picks on CPU: fused vs plain modules, both channels_last
+    (as the CLI trains), on the default synthetic config and the full-width FCN config."""
+    syn = fastunet.get_config("synthetic")["train"]["batch_size"]
+    runs = {f"{name}_{'fused' if f else 'unfused'}":
+            _runner(_setup(cfg, batch, 64, "cpu", fused=f, channels_last=True))
+            for name, cfg, batch in (("synthetic", "synthetic", syn),
+                                     ("fcn", "fcn_unet_s5-d16_64x64_40k_drive", 4))
+            for f in (True, False)}
+    t = _interleaved(runs, rounds=4)
+    benchmark.pedantic(runs["synthetic_unfused"], rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(
+        **{f"{k}_s": v for k, v in t.items()},
+        synthetic_fused_speedup=t["synthetic_unfused"] / t["synthetic_fused"],
+        fcn_fused_speedup=t["fcn_unfused"] / t["fcn_fused"],
         threads=torch.get_num_threads())
 
 
@@ -109,11 +164,12 @@ def test_cpu_data_vs_model(benchmark):
     benchmark.pedantic(pipeline, rounds=3, warmup_rounds=1)
     pipe = len(keys) / benchmark.stats.stats.min
     syn_cfg = fastunet.get_config("synthetic")["train"]
-    # the models as python -m fastunet.train runs them on CPU: plain modules, channels_last
+    # the models as python -m fastunet.train runs them on CPU (channels_last; --fused auto:
+    # plain modules for the narrow synthetic model, fused for the full-width FCN)
     t = _interleaved({
         "synthetic": _runner(_setup("synthetic", syn_cfg["batch_size"], 64, "cpu", fused=False,
                                     channels_last=True)),
-        "fcn": _runner(_setup("fcn_unet_s5-d16_64x64_40k_drive", 4, 64, "cpu", fused=False,
+        "fcn": _runner(_setup("fcn_unet_s5-d16_64x64_40k_drive", 4, 64, "cpu", fused=True,
                               channels_last=True))}, rounds=4)
     syn = syn_cfg["batch_size"] / t["synthetic"]
     fcn = 4 / t["fcn"]

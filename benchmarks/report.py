@@ -397,9 +397,23 @@ def ratio_rows(run, kind):
         for key, layout in (("fused_speedup", "NCHW"), ("fused_channels_last_speedup",
                                                         "fused channels-last vs unfused NCHW")):
             if key in i:
+                conv = (f"; the unfused step's convolutions alone take "
+                        f"{num(100 * i['conv_share_of_reference'])}% of it"
+                        if "conv_share_of_reference" in i else "")
                 rows.append((f"Fused vs unfused training iteration (FCN, batch 4 x 64x64, fp32, "
                              f"{layout})", speed_ratio(i[key]),
-                             f"unfused {num(i['unfused_s'])} s per iteration" + rss, command(b)))
+                             f"unfused {num(i['unfused_s'])} s per iteration" + conv + rss,
+                             command(b)))
+    for b, i in infos("bench_train.py", "test_cpu_fused_auto"):
+        rows.append(("Fused vs plain modules, training iteration as the CLI runs on CPU "
+                     "(channels_last, fp32): synthetic default / full-width FCN",
+                     f"{speed_ratio(i['synthetic_fused_speedup'])} / "
+                     f"{speed_ratio(i['fcn_fused_speedup'])}",
+                     f"synthetic {num(i['synthetic_fused_s'] * 1e3)} vs "
+                     f"{num(i['synthetic_unfused_s'] * 1e3)} ms, FCN "
+                     f"{num(i['fcn_fused_s'])} vs {num(i['fcn_unfused_s'])} s; --fused auto "
+                     "picks plain for the narrow synthetic model, fused for full width",
+                     command(b)))
     for b, i in infos("bench_train.py", "test_cpu_data_vs_model"):
         if "pipeline_over_fcn_model" in i:
             rows.append(("Training data pipeline vs what the FCN model consumes (one process)",

@@ -67,3 +67,37 @@ def test_training_step_same_numbers_and_under_half_the_saved_bytes():
         torch.testing.assert_close(a, b)
     for (k, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+@needs_native
+def test_fused_cpu_model_runs_nchw_inputs_channels_last_inside():
+    model = segmentor("fcn_unet_s5-d16_64x64_40k_drive", 16).eval()
+    plain = unfused(model)
+    x = torch.randn(2, 3, 64, 64)
+    cl = torch.channels_last
+    assert fastunet.nn.cpu_fused_layout(model, x) == cl
+    assert fastunet.nn.cpu_fused_layout(plain, x) is None  # the reference stays NCHW
+    assert fastunet.nn.cpu_fused_layout(model, x.contiguous(memory_format=cl)) is None
+    assert fastunet.nn.cpu_fused_layout(model, x.double()) is None
+    seen = []
+    hook = model.backbone.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        got, expected = model.encode_decode(x), plain.encode_decode(x)
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=cl) and not seen[0].is_contiguous()
+    assert got.is_contiguous()  # the logits come back in the input's layout
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    # training: the fused blocks get channels_last activations, the losses match the modules'
+    model.train()
+    plain.train()
+    label = torch.randint(0, 2, (2, 64, 64))
+    seen.clear()
+    hook = model.backbone.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    torch.manual_seed(2)  # one dropout mask for both
+    lf = model.loss(x, label)
+    torch.manual_seed(2)
+    lp = plain.loss(x, label)
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=cl)
+    for k in lp:
+        torch.testing.assert_close(lf[k], lp[k], rtol=1e-4, atol=1e-5)

@@ -154,3 +154,11 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
                                "train.batch_size=2"]) == 0
         states.append(torch.load(work / "latest.pth", weights_only=False)["state_dict"])
     assert_same_state(*states)
+
+
+def test_fused_auto_is_fused_on_gpus_and_for_full_width_backbones_on_cpu():
+    narrow = fastunet.build_segmentor(fastunet.get_config("synthetic"))
+    wide = fastunet.build_segmentor(fastunet.get_config("fcn_unet_s5-d16_64x64_40k_drive"))
+    assert train_cli._auto_fused(narrow, torch.device("cpu")) is False  # the plain modules
+    assert train_cli._auto_fused(wide, torch.device("cpu")) is None  # the fused kernels
+    assert train_cli._auto_fused(narrow, torch.device("cuda")) is None

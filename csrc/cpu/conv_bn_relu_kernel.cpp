@@ -21,8 +21,81 @@
 #include "common/bn_relu_args.h"
 #include "common/conv_bias_relu.h"
 
+// The NHWC row loops, built for the baseline ISA and, on x86 with GCC/Clang, for AVX2 (picked at
+// run time). Both builds give identical results (see the header).
+namespace fastunet {
+namespace nhwc_base {
+#include "cpu/bn_relu_nhwc_rows.h"
+}  // namespace nhwc_base
+}  // namespace fastunet
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTUNET_NHWC_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace fastunet {
+namespace nhwc_avx2 {
+#include "cpu/bn_relu_nhwc_rows.h"
+}  // namespace nhwc_avx2
+}  // namespace fastunet
+#pragma GCC pop_options
+#endif
+
 namespace fastunet {
 namespace {
+
+bool cpu_has_avx2() {
+#ifdef FASTUNET_NHWC_AVX2
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// FASTUNET_NHWC(f<T>(args)) calls nhwc_avx2::f on CPUs with AVX2, else nhwc_base::f.
+#ifdef FASTUNET_NHWC_AVX2
+#define FASTUNET_NHWC(...) (cpu_has_avx2() ? nhwc_avx2::__VA_ARGS__ : nhwc_base::__VA_ARGS__)
+#else
+#define FASTUNET_NHWC(...) nhwc_base::__VA_ARGS__
+#endif
+
+// Elementwise NHWC work on rows r0..r1 of C channels: with few channels (C < 64) the rows go
+// in groups of m = ceil(64 / C), treated as rows of m * C values with the per-channel arrays
+// repeated m times (`wide`), so the inner loops stay long; fn(first_row, rows, width, arrays).
+inline int64_t nhwc_repeat(int64_t C) { return C < 64 ? (64 + C - 1) / C : 1; }
+
+template <typename Arrays, typename Fn>
+void nhwc_elementwise(int64_t r0, int64_t r1, int64_t C, const Arrays& narrow,
+                      const Arrays& wide, const Fn& fn) {
+  const int64_t m = nhwc_repeat(C);
+  const int64_t groups = m > 1 ? (r1 - r0) / m : 0;
+  if (groups > 0) fn(r0, groups, m * C, wide);
+  if (r0 + groups * m < r1) fn(r0 + groups * m, r1 - r0 - groups * m, C, narrow);
+}
+
+// Per-channel constants of ChannelAffine as separate arrays, which the row loops vectorise over.
+template <typename T>
+struct AffineArrays {
+  std::vector<T> mean, invstd, scale, beta;
+  std::vector<T> k1, k2;  // backward's per-channel sums / count, when set
+  // `repeat` copies of every array back to back (see nhwc_elementwise)
+  explicit AffineArrays(const std::vector<ChannelAffine<T>>& aff, int64_t repeat = 1,
+                        const T* k1_ = nullptr, const T* k2_ = nullptr) {
+    for (int64_t i = 0; i < repeat; ++i) {
+      for (size_t c = 0; c < aff.size(); ++c) {
+        mean.push_back(aff[c].mean);
+        invstd.push_back(aff[c].invstd);
+        scale.push_back(aff[c].scale);
+        beta.push_back(aff[c].beta);
+        if (k1_ != nullptr) {
+          k1.push_back(k1_[c]);
+          k2.push_back(k2_[c]);
+        }
+      }
+    }
+  }
+};
+
 
 // ---------------------------------------------------------------------------------------------
 // conv_bias_relu
@@ -118,22 +191,14 @@ void stats_impl(const scalar_t* x, const BnShape& s, stat_t* mean_out, stat_t* v
   const int64_t chunk = row_chunk(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<acc_t> pmean(chunks * s.c, acc_t(0)), pm2(chunks * s.c, acc_t(0));
+  std::vector<acc_t> inv_count(chunk);
+  for (int64_t i = 0; i < chunk; ++i) inv_count[i] = acc_t(1) / acc_t(i + 1);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      acc_t* m = pmean.data() + k * s.c;
-      acc_t* q = pm2.data() + k * s.c;
       const int64_t r_end = std::min(rows, (k + 1) * chunk);
-      int64_t count = 0;
-      for (int64_t r = k * chunk; r < r_end; ++r) {
-        const scalar_t* row = x + r * s.c;
-        const acc_t inv = acc_t(1) / acc_t(++count);
-        for (int64_t c = 0; c < s.c; ++c) {  // Welford, vectorised across channels
-          const acc_t v = acc_t(row[c]);
-          const acc_t d = v - m[c];
-          m[c] += d * inv;
-          q[c] += d * (v - m[c]);
-        }
-      }
+      FASTUNET_NHWC(welford_rows<scalar_t, acc_t>(x, k * chunk, r_end, s.c,
+                                                  pmean.data() + k * s.c, pm2.data() + k * s.c,
+                                                  inv_count.data()));
     }
   });
   at::parallel_for(0, s.c, 16, [&](int64_t c0, int64_t c1) {
@@ -200,13 +265,19 @@ at::Tensor bn_relu_cpu(const at::Tensor& input, const at::Tensor& mean, const at
         }
       });
     } else {
+      const AffineArrays<opmath_t> narrow(aff), wide(aff, nhwc_repeat(s.c));
       at::parallel_for(0, s.n * s.hw, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = x + r * s.c;
-          scalar_t* yr = y + r * s.c;
-          for (int64_t c = 0; c < s.c; ++c)
-            yr[c] = scalar_t(apply_relu(aff[c].pre(opmath_t(xr[c])), relu));
-        }
+        nhwc_elementwise(r0, r1, s.c, narrow, wide, [&](int64_t first, int64_t rows, int64_t w,
+                                                        const AffineArrays<opmath_t>& f) {
+          const scalar_t* xs = x + first * s.c;
+          scalar_t* ys = y + first * s.c;
+          if (relu)
+            FASTUNET_NHWC(bn_relu_rows<scalar_t, opmath_t, true>(
+                xs, ys, 0, rows, w, f.mean.data(), f.scale.data(), f.beta.data()));
+          else
+            FASTUNET_NHWC(bn_relu_rows<scalar_t, opmath_t, false>(
+                xs, ys, 0, rows, w, f.mean.data(), f.scale.data(), f.beta.data()));
+        });
       });
     }
   });
@@ -245,19 +316,21 @@ void backward_reduce_impl(const scalar_t* dy, const scalar_t* x, const BnShape& 
   const int64_t chunk = row_chunk(rows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<acc_t> pa(chunks * s.c, acc_t(0)), pb(chunks * s.c, acc_t(0));
+  const AffineArrays<stat_t> f(aff);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<stat_t> tg(s.c), th(s.c);
     for (int64_t k = k0; k < k1; ++k) {
       acc_t* a = pa.data() + k * s.c;
       acc_t* b = pb.data() + k * s.c;
-      const int64_t r_end = std::min(rows, (k + 1) * chunk);
-      for (int64_t r = k * chunk; r < r_end; ++r) {
-        for (int64_t c = 0; c < s.c; ++c) {
-          const stat_t xv = stat_t(x[r * s.c + c]);
-          const acc_t g = acc_t(relu_grad(stat_t(dy[r * s.c + c]), aff[c].pre(xv), relu));
-          a[c] += g;
-          b[c] += g * acc_t(aff[c].xhat(xv));
-        }
-      }
+      const int64_t r0 = k * chunk, r1 = std::min(rows, (k + 1) * chunk);
+      if (relu)
+        FASTUNET_NHWC(bn_relu_reduce_rows<scalar_t, stat_t, acc_t, true>(
+            dy, x, r0, r1, s.c, f.mean.data(), f.invstd.data(), f.scale.data(), f.beta.data(), a,
+            b, tg.data(), th.data()));
+      else
+        FASTUNET_NHWC(bn_relu_reduce_rows<scalar_t, stat_t, acc_t, false>(
+            dy, x, r0, r1, s.c, f.mean.data(), f.invstd.data(), f.scale.data(), f.beta.data(), a,
+            b, tg.data(), th.data()));
     }
   });
   for (int64_t c = 0; c < s.c; ++c) {
@@ -328,9 +401,20 @@ at::Tensor bn_relu_backward_elemt_cpu(const at::Tensor& grad_out, const at::Tens
           for (int64_t i = p * s.hw; i < (p + 1) * s.hw; ++i) elem(i, p % s.c);
       });
     } else {
+      const AffineArrays<opmath_t> narrow(aff, 1, m1, m2), wide(aff, nhwc_repeat(s.c), m1, m2);
       at::parallel_for(0, s.n * s.hw, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = 0; c < s.c; ++c) elem(r * s.c + c, c);
+        nhwc_elementwise(r0, r1, s.c, narrow, wide, [&](int64_t first, int64_t rows, int64_t w,
+                                                        const AffineArrays<opmath_t>& f) {
+          const int64_t off = first * s.c;
+          if (relu)
+            FASTUNET_NHWC(bn_relu_elemt_rows<scalar_t, opmath_t, true>(
+                g + off, x + off, out + off, 0, rows, w, f.mean.data(), f.invstd.data(),
+                f.scale.data(), f.beta.data(), f.k1.data(), f.k2.data()));
+          else
+            FASTUNET_NHWC(bn_relu_elemt_rows<scalar_t, opmath_t, false>(
+                g + off, x + off, out + off, 0, rows, w, f.mean.data(), f.invstd.data(),
+                f.scale.data(), f.beta.data(), f.k1.data(), f.k2.data()));
+        });
       });
     }
   });

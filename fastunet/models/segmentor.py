@@ -8,6 +8,7 @@ import copy
 
 import torch.nn as nn
 
+from ..nn import cpu_fused_layout
 from .heads import build_head, resize
 from .unet import UNet
 
@@ -53,9 +54,16 @@ class EncoderDecoder(nn.Module):
         return self.backbone(x)
 
     def encode_decode(self, x):
-        """Normalised images (N, 3, h, w) -> decode-head logits resized to (N, C, h, w)."""
-        seg_logits = self.decode_head(self.extract_feat(x))
-        return resize(seg_logits, x.shape[2:], align_corners=self.align_corners)
+        """Normalised images (N, 3, h, w) -> decode-head logits resized to (N, C, h, w).
+
+        The logits come back in x's memory format. On CPU, a model with fused inference blocks
+        runs an NCHW input in channels_last inside (see ``nn.cpu_fused_layout``).
+        """
+        layout = cpu_fused_layout(self, x)
+        inner = x if layout is None else x.contiguous(memory_format=layout)
+        seg_logits = self.decode_head(self.extract_feat(inner))
+        out = resize(seg_logits, x.shape[2:], align_corners=self.align_corners)
+        return out if layout is None else out.contiguous()
 
     def forward(self, x):
         """Same as :meth:`encode_decode`."""
@@ -73,7 +81,8 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"seg_label must be (N, H, W) with N={x.shape[0]}, got shape "
                              f"{tuple(seg_label.shape)}")
         seg_label = seg_label.long()
-        feats = self.extract_feat(x)
+        layout = cpu_fused_layout(self, x)  # fused CPU blocks run channels_last
+        feats = self.extract_feat(x if layout is None else x.contiguous(memory_format=layout))
         losses = _add_prefix(self.decode_head.loss(feats, seg_label), "decode")
         if isinstance(self.auxiliary_head, nn.ModuleList):
             for i, head in enumerate(self.auxiliary_head):

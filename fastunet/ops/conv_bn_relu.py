@@ -4,8 +4,9 @@ Inference: ``fold_bn`` folds an eval-mode BatchNorm into the conv weight and bia
 ``conv_bias_relu`` runs conv + bias + ReLU in one pass (oneDNN post-op on CPU, cuDNN fused
 conv-bias-activation on CUDA).
 
-Training: ``conv_bn_relu_train`` runs the convolution (ATen/cuDNN), the per-channel batch
-statistics, normalise+affine+ReLU and the fused backward. It saves only the conv output and the
+Training: ``conv_bn_relu_train`` runs the convolution (ATen/cuDNN; on CPU, small wide layers as
+GEMMs, see ``cpu_gemm_conv``), the per-channel batch statistics, normalise+affine+ReLU and the
+fused backward. It saves only the conv output and the
 statistics: the backward recomputes the normalised values and the ReLU mask, and the block's
 input is rebuilt from the previous block's saved conv output when it has a recipe
 (``fastunet.ops.recompute``). ``batch_norm_relu`` is the BN+ReLU part alone (traceable by
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from . import conv_bn_relu_reference as ref
+from . import cpu_gemm_conv as gemm_conv
 from . import recompute
 from .conv_bn_relu_reference import fold_bn  # noqa: F401  (public: fastunet.ops.fold_bn)
 
@@ -218,11 +220,16 @@ class _ConvBNReLUTrain(torch.autograd.Function):
     def forward(ctx, x, conv_weight, conv_bias, bn_weight, bn_bias, cfg, x_recipe):
         dt = cfg.dtype
         cb = None if conv_bias is None else conv_bias.to(dt)
-        c = F.conv2d(x.to(dt), conv_weight.to(dt), cb, cfg.stride, cfg.padding, cfg.dilation,
-                     cfg.groups)
+        xc, wc = x.to(dt), conv_weight.to(dt)
+        gemm = gemm_conv.use_gemm(xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
+        if gemm[0]:
+            c = gemm_conv.conv2d(xc, wc)
+        else:
+            c = F.conv2d(xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
         mean, var, count = _batch_stats(c, cfg.group)
         y = bn_relu(c, mean, var, bn_weight, bn_bias, cfg.eps, cfg.relu)
         ctx.cfg, ctx.count, ctx.x_recipe, ctx.x_dtype = cfg, count, x_recipe, x.dtype
+        ctx.gemm = gemm
         ctx.save_for_backward(c, mean, var, conv_weight, bn_weight, bn_bias,
                               x if x_recipe is None else None)
         if cfg.register:
@@ -241,10 +248,17 @@ class _ConvBNReLUTrain(torch.autograd.Function):
         if need[0] or need[1] or need[2]:
             if x is None:
                 x = ctx.x_recipe.materialize()
-            gx, gw, gcb = torch.ops.aten.convolution_backward(
-                gc, x.to(cfg.dtype), weight.to(cfg.dtype), [weight.shape[0]] if need[2] else None,
-                cfg.stride, cfg.padding, cfg.dilation, False, [0, 0], cfg.groups,
-                [need[0], need[1], need[2]])
+            xc, wc = x.to(cfg.dtype), weight.to(cfg.dtype)
+            gemm_in, gemm_w = ctx.gemm
+            mask = [need[0] and not gemm_in, need[1] and not gemm_w, need[2]]
+            if any(mask):
+                gx, gw, gcb = torch.ops.aten.convolution_backward(
+                    gc, xc, wc, [weight.shape[0]] if need[2] else None, cfg.stride, cfg.padding,
+                    cfg.dilation, False, [0, 0], cfg.groups, mask)
+            if need[0] and gemm_in:
+                gx = gemm_conv.grad_input(gc, wc, xc.shape)
+            if need[1] and gemm_w:
+                gw = gemm_conv.grad_weight(gc, xc, wc.shape[2])
         return (gx.to(ctx.x_dtype) if need[0] else None, _cast_like(gw, weight) if need[1] else None,
                 gcb if need[2] else None, _cast_like(gbw, bn_weight) if need[3] else None,
                 _cast_like(gbb, bn_bias) if need[4] else None, None, None)
