@@ -14,7 +14,6 @@ Shared conventions (benchmarks/_harness.py): speedup_vs_reference = unfused time
 gflop, tflops and peak_fraction against the session's measured matmul/conv peak.
 """
 import copy
-import time
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import _harness
+from _harness import best_of, interleaved_best
 import fastunet
 from fastunet.nn import ConvBNReLU
 
@@ -41,27 +41,6 @@ def set_fused(model, fused):
         if isinstance(m, ConvBNReLU):
             m.fused = fused
     return model
-
-
-def best_of(fn, rounds, sync=lambda: None):
-    best = float("inf")
-    for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def interleaved_best(fns, rounds, sync=lambda: None):
-    """Best time of each function over rounds that run them in turn: on a shared, noisy machine
-    the variants then see the same conditions."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best[name] = min(best[name], best_of(fn, 1, sync))
-    return best
 
 
 def conv_only(model, x):
@@ -128,10 +107,6 @@ def test_cpu_inference_unet(benchmark, machine_peaks, layout):
 # CUDA
 
 
-def cuda_sync():
-    torch.cuda.synchronize()
-
-
 def train_step_stats(model, batch, steps=5):
     """(peak activation bytes, best step seconds) of an AMP bf16 SGD step on 64x64 windows."""
     torch.manual_seed(0)
@@ -148,13 +123,13 @@ def train_step_stats(model, batch, steps=5):
 
     for _ in range(3):
         step()
-    cuda_sync()
+    torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
-    cuda_sync()
+    torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    return peak, best_of(step, steps, cuda_sync)
+    return peak, best_of(step, steps, "cuda")
 
 
 @pytest.mark.cuda
@@ -205,7 +180,7 @@ def test_cuda_inference_block_vs_cudnn_conv(benchmark, machine_peaks, dtype, lay
     fns = {"fused": fused_run, "unfused": unfused_run, "conv_only": conv_run}
     for fn in fns.values():
         fn()
-    best = interleaved_best(fns, 20, cuda_sync)
+    best = interleaved_best(fns, 20, "cuda")
     t_f, t_u, t_conv = best["fused"], best["unfused"], best["conv_only"]
     benchmark.pedantic(fused_run, rounds=20, warmup_rounds=2)
     with torch.no_grad():

@@ -18,12 +18,7 @@ import torch
 import fastunet
 from fastunet import _native
 from fastunet.inference import InferenceEngine
-from _harness import best_of, sync  # noqa: E402  (benchmarks/ is on sys.path under pytest)
-
-
-def best_of_device(fn, device, rounds=1):
-    """Fastest of `rounds` synchronised calls (the harness's best_of, device first)."""
-    return best_of(fn, rounds, device)
+from _harness import best_of  # noqa: E402  (benchmarks/ is on sys.path under pytest)
 
 
 # GPU cases: marked `cuda` and skipped without a GPU and the CUDA kernels
@@ -53,7 +48,7 @@ def _matmul_tflops(device, dtype):
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    t = best_of_device(lambda: a @ b, device, rounds=3)
+    t = best_of(lambda: a @ b, 3, device)
     return 2 * n ** 3 / t / 1e12
 
 
@@ -130,7 +125,7 @@ def test_cuda_drive_slide_fp32_vs_reference(benchmark, no_tf32):
     ref_model = _model("cuda", fast=False)
     with torch.no_grad():
         ref_model.slide_inference_reference(x, 64, 42)  # warm-up
-        ref_s = best_of_device(lambda: ref_model.slide_inference_reference(x, 64, 42), "cuda", rounds=3)
+        ref_s = best_of(lambda: ref_model.slide_inference_reference(x, 64, 42), 3, "cuda")
         ref_logits = ref_model.slide_inference_reference(x, 64, 42)
     model = _model("cuda", fast=True)
     results = {}
@@ -139,7 +134,7 @@ def test_cuda_drive_slide_fp32_vs_reference(benchmark, no_tf32):
                                  cuda_graphs=graphs)
         out = engine(x)
         engine(x)
-        results[graphs] = (best_of_device(lambda: engine(x), "cuda", rounds=10), out)
+        results[graphs] = (best_of(lambda: engine(x), 10, "cuda"), out)
     benchmark.pedantic(lambda: (engine(x), torch.cuda.synchronize()), rounds=10, warmup_rounds=1)
     ours = min(results[False][0], results[True][0])
     _report(benchmark, "cuda drive slide fp32", device=torch.cuda.get_device_name(),
@@ -162,7 +157,7 @@ def test_cuda_drive_bf16_images_per_second(benchmark, mode):
                                  channels_last=True, cuda_graphs=graphs)
         engine(x)
         engine(x)
-        rates[graphs] = 10 / best_of_device(lambda: [engine(x) for _ in range(10)], "cuda")
+        rates[graphs] = 10 / best_of(lambda: [engine(x) for _ in range(10)], 1, "cuda")
     benchmark.pedantic(lambda: (engine(x), torch.cuda.synchronize()), rounds=10, warmup_rounds=1)
     plan = engine.plan(*DRIVE)
     flops = 6.32e9 * plan.windows_per_image * plan.y.window * plan.x.window / 4096
@@ -192,7 +187,7 @@ def test_cuda_hrf_images_per_second_and_memory(benchmark, precision):
                              channels_last=True)
     engine(x)
     engine(x)  # the second image of this size captures the CUDA graph
-    seconds = best_of_device(lambda: engine(x), "cuda", rounds=3)
+    seconds = best_of(lambda: engine(x), 3, "cuda")
     peak = torch.cuda.max_memory_allocated() - base  # everything inference added, graph pool too
     benchmark.pedantic(lambda: (engine(x), torch.cuda.synchronize()), rounds=3, warmup_rounds=0)
     _report(benchmark, f"cuda hrf slide {precision}", device=torch.cuda.get_device_name(),
@@ -219,7 +214,7 @@ def test_cuda_hrf_bf16_window_batch_vs_memory(benchmark):
                                  channels_last=True, window_batch=batch)
         engine(x)
         engine(x)  # captures the CUDA graph
-        seconds = best_of_device(lambda: engine(x), "cuda", rounds=3)
+        seconds = best_of(lambda: engine(x), 3, "cuda")
         sweep[batch] = dict(images_per_s=1 / seconds,
                             peak_memory_GiB=(torch.cuda.max_memory_allocated() - base) / 2**30)
         del engine

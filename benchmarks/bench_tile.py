@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fastunet import _native, ops
 from fastunet.ops import tile_reference as ref
-from _harness import best_of, sync  # noqa: E402  (benchmarks/ is on sys.path under pytest)
+from _harness import best_of  # noqa: E402  (benchmarks/ is on sys.path under pytest)
 
 # (name, H, W, window, stride): DRIVE and HRF grids of SPEC §1 with 2-class logits
 CASES = [("drive", 584, 565, 64, 42), ("hrf", 2336, 3504, 256, 170)]

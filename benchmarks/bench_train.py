@@ -24,7 +24,6 @@ round by round, so a busy machine slows all of them alike; they are in ``extra_i
 """
 import itertools
 import os
-import time
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ import fastunet
 from fastunet.models import apply_overrides
 from fastunet.training.schedule import build_optimizer
 from fastunet.training.step import TrainStep, train_step
+from _harness import interleaved_best  # noqa: E402  (benchmarks/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -69,17 +69,12 @@ def _runner(parts, amp_dtype=None):
 
 
 def _interleaved(runs, rounds, warmup=2):
-    """Min seconds per call of each runner, the runners alternating round by round."""
+    """Min seconds per call of each runner (the runners synchronise themselves), after
+    `warmup` calls each, the runners alternating round by round."""
     for run in runs.values():
         for _ in range(warmup):
             run()
-    best = {k: float("inf") for k in runs}
-    for _ in range(rounds):
-        for k, run in runs.items():
-            t = time.perf_counter()
-            run()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
+    return interleaved_best(runs, rounds)
 
 
 def _conv_only(parts):
@@ -226,7 +221,7 @@ def test_cuda_deterministic(benchmark):
     # determinism switches are process-wide: measure each mode in its own process
     code = r"""
 import sys, time, torch
-sys.path.insert(0, ".")
+sys.path[:0] = [".", "benchmarks"]
 from benchmarks.bench_train import _setup, _runner
 if sys.argv[1] == "1":
     from fastunet.training import determinism
