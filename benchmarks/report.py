@@ -375,13 +375,9 @@ def device_table(run, kind):
 def ratio_rows(run, kind):
     """Key ratios measured in one run on one device: (comparison, value, detail, command)."""
     rows = []
-    by_func = {}
-    for b in run.benchmarks:
-        if device_kind(b) == kind:
-            by_func.setdefault((_file(b).split("/")[-1], _func(b)), []).append(b)
 
     def infos(file, func):
-        return [(b, b.get("extra_info", {})) for b in by_func.get((file, func), [])]
+        return _benches(run, kind, file, func)
 
     for b, i in infos("bench_conv_bn_relu.py", "test_cpu_inference_unet"):
         rows.append((f"Fused vs unfused Conv-BN-ReLU, UNet inference ({i.get('layout')}, "
@@ -516,9 +512,14 @@ def _roofline_note(fig, target):
                f"({num(peak)})".replace("  ", " ") if peak else ""))
 
 
+def _benches(run, kind, file, func):
+    """[(benchmark, its extra_info)] of test function `func` in benchmarks/`file` on a device."""
+    return [(b, b.get("extra_info", {})) for b in run.benchmarks
+            if device_kind(b) == kind and _file(b).split("/")[-1] == file and _func(b) == func]
+
+
 def _infos(run, kind, file, func):
-    return [b.get("extra_info", {}) for b in run.benchmarks
-            if device_kind(b) == kind and _file(b).endswith(file) and _func(b) == func]
+    return [i for _, i in _benches(run, kind, file, func)]
 
 
 def target_rows(devices):
