@@ -347,3 +347,25 @@ def test_buffer_cap_streams_and_is_respected():
     assert (labels != full).float().mean() < 1e-3  # only near-ties may differ
     with pytest.raises(ValueError, match="max_buffer_bytes"):
         InferenceEngine(TinyNet(), "slide", 64, 42, max_buffer_bytes=0)
+
+
+def test_cuda_window_batch_is_capped_by_activation_bytes(monkeypatch):
+    """On a large GPU the batch is not sized from all free memory: one batch's activations stay
+    under CUDA_MAX_ACTIVATION_BYTES, so HRF fits in 4 GB, while DRIVE's windows still share one
+    batch. Planned with the per-window bytes the H100 measured (no GPU needed)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(eng, "_available_bytes", lambda device: 79 << 30)
+    window = SimpleNamespace(device=torch.device("cuda"), shape=(1, 3, 256, 256))
+    engine = InferenceEngine(TinyNet(), "slide", 256, 170)
+    hrf = engine.plan(2336, 3504)
+    batch, rows, _, planned = engine._schedule(window, hrf, 1, 2, per_window=78 << 20,
+                                               fixed=64 << 20)
+    assert rows == hrf.y.count  # one pass: HRF's buffers are small next to the budget
+    assert 16 <= batch and batch * (78 << 20) <= eng.CUDA_MAX_ACTIVATION_BYTES
+    assert batch * (78 << 20) + planned < 4e9
+    drive = InferenceEngine(TinyNet(), "slide", 64, 42).plan(584, 565)
+    batch, *_ = engine._schedule(window, drive, 1, 2, per_window=5 << 20, fixed=64 << 20)
+    assert batch == drive.windows_per_image
+    pinned = InferenceEngine(TinyNet(), "slide", 256, 170, window_batch=98)
+    assert pinned._schedule(window, hrf, 1, 2, per_window=78 << 20, fixed=64 << 20)[0] == 98

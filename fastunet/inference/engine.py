@@ -63,6 +63,12 @@ MAX_BATCH_PIXELS = 1 << 23
 # window rows, so CPU memory stays at about input + outputs + this + one window batch's
 # activations, whatever the image size (see InferenceEngine, max_buffer_bytes).
 CPU_MAX_BUFFER_BYTES = 1 << 30
+# CUDA: the most bytes one window batch's activations may take unless window_batch says
+# otherwise. Larger batches stop paying long before: on an H100, HRF's 256x256 bf16 windows take
+# about 78 MB each (8.09 GiB peak at 98 windows per batch), so 2 GiB keeps HRF inference under
+# 4 GB (issue 5) with batches of about 27 windows (1.8 M pixels per forward); DRIVE's 182 windows
+# of 64x64 still fit in one batch. benchmarks/bench_inference.py sweeps the batch to check it.
+CUDA_MAX_ACTIVATION_BYTES = 2 << 30
 # CUDA graphs kept at once (each holds the activation memory of its batch shape)
 MAX_CUDA_GRAPHS = 4
 
@@ -335,8 +341,9 @@ class InferenceEngine:
     crop_size, stride: slide window and step (int or (h, w)); required for mode="slide".
     tile_size, margin: overlap-tile input tile (a multiple of size_divisor) and context margin.
     size_divisor: what the model's input extents must be a multiple of (16 for UNet-S5-D16).
-    window_batch: windows per forward; None sizes it from free memory (CUDA: measured with two
-        probe forwards; CPU: about CPU_BATCH_PIXELS pixels per batch).
+    window_batch: windows per forward; None sizes it from free memory (CUDA: bytes per window
+        measured with two probe forwards, one batch's activations at most
+        CUDA_MAX_ACTIVATION_BYTES = 2 GiB; CPU: about CPU_BATCH_PIXELS pixels per batch).
     precision: "fp32", "fp16" or "bf16" (autocast around fn); the aggregation runs in float32.
     channels_last: hand fn channels-last windows (convert the model too, for speed).
     gaussian: weight each window's pixels by ``ops.gaussian_weight`` (sigma = window/8) instead
@@ -557,6 +564,7 @@ class InferenceEngine:
         if self.window_batch is not None:
             batch = self.window_batch
         elif device.type == "cuda":
+            act_budget = min(act_budget, fixed + CUDA_MAX_ACTIVATION_BYTES)
             batch = int((act_budget - fixed) // per_window) if act_budget > fixed else 1
         else:
             batch = CPU_BATCH_PIXELS // (plan.y.window * plan.x.window)
