@@ -150,13 +150,20 @@ def test_slide_small_image_pads_to_16_and_crops_back():
         reference_slide_inference(net, x, 64, 42)
 
 
-def test_whole_pads_to_16_runs_once_and_crops():
+def test_whole_reflect_pads_to_16_runs_once_and_crops():
     net = TinyNet()
     x = torch.randn(2, 3, 37, 50)
     net.calls.clear()
     got = infer(net, x, "whole")
     assert net.calls[-1] == (2, 3, 48, 64)
-    close(got, net(F.pad(x, (0, 14, 0, 11)))[..., :37, :50])
+    close(got, net(F.pad(x, (0, 14, 0, 11), mode="reflect"))[..., :37, :50])
+    tiny = torch.randn(1, 3, 5, 3)  # pads longer than the image mirror again and again
+    close(infer(net, tiny, "whole"), net(eng._pad(tiny, eng.TilePlan(
+        "whole", eng._whole_axis(5, 16), eng._whole_axis(3, 16), "reflect")))[..., :5, :3])
+    uint8 = torch.randint(0, 256, (1, 3, 37, 50), dtype=torch.uint8)  # normalised in the engine
+    mean, std = (120.0, 110.0, 100.0), (50.0, 55.0, 60.0)
+    norm = (uint8.float() - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    close(InferenceEngine(net, "whole")(uint8, normalize=(mean, std)), infer(net, norm, "whole"))
 
 
 @pytest.mark.parametrize("H, W", [(100, 150), (40, 30), (61, 250)])

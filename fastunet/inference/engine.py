@@ -13,12 +13,14 @@ engine imports no model. Modes (``TilePlan`` gives the exact geometry of each):
 - ``overlap-tile``: the original U-Net strategy: the image is reflect-padded by ``margin`` and cut
   into large tiles (``tile_size``, a multiple of 16) whose outputs are cropped by ``margin`` on
   every side, so each output pixel is predicted with at least ``margin`` pixels of context.
-- ``whole``: the image zero-padded (bottom/right) to a multiple of 16, one forward, cropped back.
+- ``whole``: one forward of the image, reflect-padded (bottom/right) to a multiple of 16 when it
+  is not one, cropped back. Reflection, not zeros: on the synthetic validation set a zero border
+  cost 2.8 points of vessel Dice against ``slide`` (72.36 vs 75.14), a mirrored one none (75.17).
 
-Images the model cannot take as they are (``slide`` on an image smaller than the crop whose
-size is not a multiple of 16; ``whole`` on any size not a multiple of 16) are zero-padded at the
-bottom/right to the next multiple of 16 and the result cropped back; mmseg raises an error in
-exactly these cases, so everywhere mmseg runs, ``slide`` matches it.
+``slide`` on an image smaller than the crop whose size is not a multiple of 16 zero-pads it at
+the bottom/right to the next multiple of 16 and crops the result back. mmseg raises an error in
+exactly these cases (and in ``whole`` on sizes not a multiple of 16), so everywhere mmseg runs,
+``slide`` and ``whole`` match it.
 
 The first call for a window shape runs fn on one and two probe windows (classes, output shape
 and, on CUDA, activation memory per window, for which it resets the device's peak-memory
@@ -441,7 +443,7 @@ class InferenceEngine:
             x = _slide_axis(width, self.crop_size[1], self.stride[1], d)
             return TilePlan("slide", y, x, "constant")
         if self.mode == "whole":
-            return TilePlan("whole", _whole_axis(height, d), _whole_axis(width, d), "constant")
+            return TilePlan("whole", _whole_axis(height, d), _whole_axis(width, d), "reflect")
         y = _overlap_axis(height, self.tile_size, self.margin, d)
         x = _overlap_axis(width, self.tile_size, self.margin, d)
         return TilePlan("overlap-tile", y, x, "reflect")

@@ -143,7 +143,7 @@ class EncoderDecoder(nn.Module):
         return self._engine("slide", crop_size, stride, **options)(x)
 
     def whole_inference(self, x, **options):
-        """Logits of the whole image in one forward pass (zero-padded to the backbone's
+        """Logits of the whole image in one forward pass (reflect-padded to the backbone's
         downsample rate and cropped back when needed)."""
         return self._engine("whole", **options)(x)
 
