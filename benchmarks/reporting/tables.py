@@ -163,7 +163,8 @@ def ratio_rows(run, kind):
     configs = [f for k, f in slide if bench_file(f["bench"]).endswith("bench_configs.py")]
     if configs:
         rows.append((f"Inference engine (slide, exact) vs mmseg's loop, fp32, "
-                     f"{len(configs)} config{'s' if len(configs) > 1 else ''}", speed_span([f["speedup"] for f in configs]),
+                     f"{len(configs)} config{'s' if len(configs) > 1 else ''}",
+                     speed_span([f["speedup"] for f in configs]),
                      "reference: one window per forward, unfused modules"
                      + ("; some figures derived" + DERIVED if any(
                          f["derived"] or f["reference_derived"] for f in configs) else ""),
