@@ -62,3 +62,32 @@ def test_cpu_winograd_vs_onednn(benchmark, case, monkeypatch):
     benchmark.extra_info.update(info)
     print(f"\n[winograd {_ids(case)}] " + ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+
+
+@pytest.mark.parametrize("mode", ["slide", "overlap-tile", "whole"])
+def test_cpu_drive_engine_winograd_ab(benchmark, mode, monkeypatch):
+    """bench_inference.py's CPU DRIVE case (fused fcn UNet, channels_last, fp32) with Winograd on
+    and off (FASTUNET_WINOGRAD), interleaved: ``speedup`` = off / on; times the run with it on."""
+    import fastunet
+    from fastunet.inference import InferenceEngine
+
+    torch.manual_seed(0)
+    model = fastunet.build_segmentor(fastunet.get_config("fcn_unet_s5-d16_64x64_40k_drive"))
+    model = fastunet.fuse(model.eval()).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 584, 565)
+    engine = InferenceEngine(model.encode_decode, mode, 64, 42, channels_last=True)
+
+    def run(flag):
+        os.environ["FASTUNET_WINOGRAD"] = flag
+        return engine(x)
+
+    monkeypatch.setenv("FASTUNET_WINOGRAD", "1")
+    on, off = run("1"), run("0")  # warm-up: probes, oneDNN plans, weight transforms
+    t = interleaved_best({"on": lambda: run("1"), "off": lambda: run("0")}, 2)
+    monkeypatch.setenv("FASTUNET_WINOGRAD", "1")
+    benchmark.pedantic(lambda: engine(x), rounds=1, warmup_rounds=0)
+    scale = off.abs().max().item()
+    info = dict(winograd_s=t["on"], onednn_s=t["off"], speedup=t["off"] / t["on"],
+                max_rel_diff=(on - off).abs().max().item() / scale)
+    benchmark.extra_info.update(info)
+    print(f"\n[winograd engine {mode}] " + ", ".join(f"{k}={v:.4g}" for k, v in info.items()))
