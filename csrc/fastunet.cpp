@@ -30,6 +30,10 @@ TORCH_LIBRARY(fastunet, m) {
   // (oneDNN post-op on CPU, cuDNN conv-bias-activation on CUDA), in the input's memory format.
   m.def("conv_bias_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, bool relu=True) -> Tensor");
+  // The CPU kernel's Winograd path (csrc/cpu/winograd.h), callable directly for tests and
+  // benchmarks: 3x3, stride 1, padding 1, float32; tile 2 or 4; block 0 = automatic.
+  m.def("_winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, bool relu=True, "
+        "int tile=2, int block=0) -> Tensor");
   m.def("conv_bias_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

@@ -20,6 +20,7 @@
 #include "common/bn_relu.h"
 #include "common/bn_relu_args.h"
 #include "common/conv_bias_relu.h"
+#include "cpu/winograd.h"
 
 // The NHWC row loops, built for the baseline ISA and, on x86 with GCC/Clang, for AVX2 (picked at
 // run time). Both builds give identical results (see the header).
@@ -120,6 +121,8 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(input.device().is_cpu(), "conv_bias_relu (CPU kernel): input must be on CPU");
   check_conv_args(input, weight, bias, stride, padding, dilation, groups);
   const auto fmt = op_memory_format(input);
+  if (const int64_t tile = winograd_tile_for(input, weight, stride, padding, dilation, groups))
+    return winograd_conv3x3(input, weight, bias, relu, tile);
   if (!use_onednn(input, weight)) {
     const at::Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
     return conv_bias_relu_unfused(input, w, bias, stride, padding, dilation, groups, relu);

@@ -319,6 +319,13 @@ if _native.LOADED:
         ow = _conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
         return _empty((n, weight.shape[0], oh, ow), input, ref.layout(input))
 
+    @torch.library.register_fake("fastunet::_winograd_conv3x3")
+    def _winograd_conv3x3_fake(input, weight, bias, relu=True, tile=2, block=0):
+        torch._check(input.dim() == 4 and weight.dim() == 4 and weight.shape[1] == input.shape[1],
+                     lambda: "input must be 4-D and weight (Cout, Cin, 3, 3)")
+        n, _, h, w = input.shape
+        return _empty((n, weight.shape[0], h, w), input, torch.channels_last)
+
     @torch.library.register_fake("fastunet::conv_bias_relu_backward")
     def _conv_bias_relu_backward_fake(grad_out, output, input, weight, stride, padding, dilation,
                                       groups, relu, output_mask):

@@ -1,0 +1,25 @@
+// Winograd convolution for the CPU inference op conv_bias_relu (winograd_kernel.cpp): float32,
+// channels_last, 3x3, stride 1, padding 1, dilation 1, groups 1, fused bias + ReLU.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastunet {
+
+// Output tile size (2 for F(2x2,3x3), 4 for F(4x4,3x3)) conv_bias_relu uses for these
+// arguments, or 0 where oneDNN's direct convolution runs instead: wrong kind of convolution,
+// shapes where Winograd measured slower, or FASTUNET_WINOGRAD=0 in the environment.
+int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups);
+
+// relu?(conv3x3(input, weight, padding 1) + bias) by Winograd F(tile x tile, 3x3), channels_last
+// out. weight: dense or oneDNN-packed float (Cout, Cin, 3, 3); its transform is cached while the
+// weight tensor lives and its version counter is unchanged. block: tiles per work item (0: auto).
+at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, bool relu, int64_t tile,
+                            int64_t block = 0);
+
+}  // namespace fastunet

@@ -1,0 +1,103 @@
+// Winograd input and output transforms of F(2x2,3x3) (alpha = 4) and F(4x4,3x3) (alpha = 6)
+// over NHWC tiles, vectorised across channels (contiguous in NHWC).
+//
+// winograd_kernel.cpp includes this file once per ISA (baseline, AVX2, AVX-512), each inside its
+// own namespace and `#pragma GCC target`, and picks one at run time by cpuid; it therefore has
+// no includes of its own. The transforms are written out by hand rather than as products with
+// constant matrices: a float multiply by 0 does not fold away (0 * inf is NaN), so generic
+// matrix code would do the zero terms too.
+
+// 1-D transforms y = B^T x (input) and y = A^T x (output), strided so one routine does columns
+// and rows; the F(4x4) matrices are Lavin & Gray's (points 0, +-1, +-2, infinity).
+template <int A>
+struct Wino;
+
+template <>
+struct Wino<4> {
+  static constexpr int kOut = 2;
+  static inline void in(const float* x, int sx, float* y, int sy) {
+    const float x0 = x[0], x1 = x[sx], x2 = x[2 * sx], x3 = x[3 * sx];
+    y[0] = x0 - x2;
+    y[sy] = x1 + x2;
+    y[2 * sy] = x2 - x1;
+    y[3 * sy] = x1 - x3;
+  }
+  static inline void out(const float* x, int sx, float* y, int sy) {
+    const float x0 = x[0], x1 = x[sx], x2 = x[2 * sx], x3 = x[3 * sx];
+    y[0] = x0 + x1 + x2;
+    y[sy] = x1 - x2 - x3;
+  }
+};
+
+template <>
+struct Wino<6> {
+  static constexpr int kOut = 4;
+  static inline void in(const float* x, int sx, float* y, int sy) {
+    const float x0 = x[0], x1 = x[sx], x2 = x[2 * sx], x3 = x[3 * sx], x4 = x[4 * sx],
+                x5 = x[5 * sx];
+    const float a = x4 - 4.f * x2, b = x3 - 4.f * x1;  // shared by rows 1 and 2
+    const float c = x4 - x2, d = 2.f * (x3 - x1);      // shared by rows 3 and 4
+    y[0] = 4.f * x0 - 5.f * x2 + x4;
+    y[sy] = a + b;
+    y[2 * sy] = a - b;
+    y[3 * sy] = c + d;
+    y[4 * sy] = c - d;
+    y[5 * sy] = 4.f * x1 - 5.f * x3 + x5;
+  }
+  static inline void out(const float* x, int sx, float* y, int sy) {
+    const float x0 = x[0], x1 = x[sx], x2 = x[2 * sx], x3 = x[3 * sx], x4 = x[4 * sx],
+                x5 = x[5 * sx];
+    const float p12 = x1 + x2, m12 = x1 - x2, p34 = x3 + x4, m34 = x3 - x4;
+    y[0] = x0 + p12 + p34;
+    y[sy] = m12 + 2.f * m34;
+    y[2 * sy] = p12 + 4.f * p34;
+    y[3 * sy] = m12 + 8.f * m34 + x5;
+  }
+};
+
+// V[xi * xs + c] = (B^T d B)[xi] for the A x A input pixels src[0..A*A) (row-major; a pointer to
+// zeros where the tile overhangs the image), channels c in [0, C).
+template <int A>
+void winograd_input_tile(const float* const* src_ptrs, float* __restrict v, int64_t xs,
+                         int64_t C) {
+  const float* src[A * A];
+  for (int k = 0; k < A * A; ++k) src[k] = src_ptrs[k];
+#pragma GCC ivdep
+  for (int64_t c = 0; c < C; ++c) {
+    float d[A * A], t[A * A], r[A * A];
+#pragma GCC unroll 36
+    for (int k = 0; k < A * A; ++k) d[k] = src[k][c];
+#pragma GCC unroll 6
+    for (int j = 0; j < A; ++j) Wino<A>::in(d + j, A, t + j, A);  // columns: B^T d
+#pragma GCC unroll 6
+    for (int i = 0; i < A; ++i) Wino<A>::in(t + i * A, 1, r + i * A, 1);  // rows: (B^T d) B
+#pragma GCC unroll 36
+    for (int k = 0; k < A * A; ++k) v[k * xs + c] = r[k];
+  }
+}
+
+// dst[i * m + j][c] = relu?((A^T M A)[i][j] + bias[c]) for the m x m outputs of one tile, from
+// M[xi * xs + c]; dst pointers of outputs past the image edge point at scratch.
+template <int A, bool kRelu>
+void winograd_output_tile(const float* __restrict mtx, int64_t xs, const float* __restrict bias,
+                          float* const* dst_ptrs, int64_t C) {
+  constexpr int m = Wino<A>::kOut;
+  float* dst[m * m];
+  for (int k = 0; k < m * m; ++k) dst[k] = dst_ptrs[k];
+#pragma GCC ivdep
+  for (int64_t c = 0; c < C; ++c) {
+    float s[A * A], t[m * A], y[m * m];
+#pragma GCC unroll 36
+    for (int k = 0; k < A * A; ++k) s[k] = mtx[k * xs + c];
+#pragma GCC unroll 6
+    for (int j = 0; j < A; ++j) Wino<A>::out(s + j, A, t + j, A);  // A^T M: m x A
+#pragma GCC unroll 4
+    for (int i = 0; i < m; ++i) Wino<A>::out(t + i * A, 1, y + i * m, 1);  // (A^T M) A
+    const float b = bias[c];
+#pragma GCC unroll 16
+    for (int k = 0; k < m * m; ++k) {
+      const float val = y[k] + b;
+      dst[k][c] = (kRelu && val <= 0.f) ? 0.f : val;  // NaN passes, as oneDNN's ReLU
+    }
+  }
+}
