@@ -149,21 +149,76 @@ Isa cpu_isa() {
 // ---------------------------------------------------------------------------------------------
 // Weight transform and its cache
 
-// U[xi][ci][co] = (G g[co][ci] G^T)[xi], computed in double: (alpha^2, Cin, Cout) float.
-at::Tensor transform_weight(const at::Tensor& weight, int64_t tile) {
-  const at::Tensor w = (weight.is_mkldnn() ? weight.to_dense() : weight).to(at::kDouble);
-  const int64_t alpha = tile + 2;
-  std::vector<double> g;
-  if (tile == 2) {
-    g = {1, 0, 0, .5, .5, .5, .5, -.5, .5, 0, 0, 1};
+// U[xi][ci][co] = (G g[co][ci] G^T)[xi], computed in double: (alpha^2, Cin, Cout) float. With
+// transposed_flipped, the transform of the input gradient's filters instead, g'[ci][co] =
+// g[co][ci] rotated by 180 degrees: (alpha^2, Cout, Cin), without materialising g' (the rotation
+// is a reversed tap order). U is (alpha^2, K, N); per block of kRows rows of K, the taps are
+// gathered from the weight (any strides) into 9 planes of (kRows, N) in L2, then transformed
+// vectorised across N. One parallel region, none for small weights: in training this runs every
+// step, and on a shared 2-core machine each parallel region can wait a scheduler slice.
+//
+// workspace, when given, holds U (grown as needed, kept by the caller): a fresh allocation past
+// malloc's mmap threshold (32 MB: U of 512 x 512 channels is 37 MB) pays its page faults on every
+// call, measured at about 1 ms per MB on the 2-core VM.
+at::Tensor transform_weight(const at::Tensor& weight, int64_t tile, bool transposed_flipped,
+                            at::Tensor* workspace = nullptr) {
+  const at::Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
+  const int64_t alpha = tile + 2, cout = w.size(0), cin = w.size(1);
+  const int64_t K = transposed_flipped ? cout : cin, N = transposed_flipped ? cin : cout;
+  const int64_t P = K * N;
+  at::Tensor u;
+  if (workspace == nullptr) {
+    u = at::empty({alpha * alpha, K, N}, w.options().dtype(at::kFloat));
   } else {
-    g = {1. / 4, 0, 0, -1. / 6, -1. / 6, -1. / 6, -1. / 6, 1. / 6, -1. / 6,
-         1. / 24, 1. / 12, 1. / 6, 1. / 24, -1. / 12, 1. / 6, 0, 0, 1};
+    if (!workspace->defined() || workspace->numel() < alpha * alpha * P)
+      *workspace = at::empty({alpha * alpha * P}, w.options().dtype(at::kFloat));
+    u = workspace->narrow(0, 0, alpha * alpha * P).view({alpha * alpha, K, N});
   }
-  const at::Tensor G = at::tensor(g, at::kDouble).view({alpha, 3});
-  const at::Tensor u = at::matmul(at::matmul(G, w), G.t());  // (Cout, Cin, alpha, alpha)
-  return u.permute({2, 3, 1, 0}).reshape({alpha * alpha, w.size(1), w.size(0)})
-      .to(at::kFloat).contiguous();
+  if (P == 0) return u;
+  const float* wp = w.data_ptr<float>();
+  // strides of the weight along K, along N and across the 9 taps (row-major 3x3)
+  const int64_t sk = w.stride(transposed_flipped ? 0 : 1), sn = w.stride(transposed_flipped ? 1 : 0);
+  int64_t tap_off[9];
+  for (int t = 0; t < 9; ++t) tap_off[t] = (t / 3) * w.stride(2) + (t % 3) * w.stride(3);
+  float* up = u.data_ptr<float>();
+  // rows a block: where the weight is contiguous along K (the forward of a channels_last weight),
+  // each n reads runs of kRows values per tap, so longer runs use more of each cache line/page
+  const int64_t kRows = sk <= sn ? 64 : 16;
+  const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 15) / N);  // >= 32K filters a task
+  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+    std::vector<float> planes(size_t(9) * kRows * N);
+    for (int64_t kb = k0; kb < k1; kb += kRows) {
+      const int64_t rows = std::min(kRows, k1 - kb);
+      float* g = planes.data();
+      if (sk <= sn) {  // the weight is contiguous along K: a blocked transpose, 16 n at a time
+        for (int64_t n0 = 0; n0 < N; n0 += 16) {
+          const int64_t n1 = std::min(N, n0 + 16);
+          for (int t = 0; t < 9; ++t)
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t n = n0; n < n1; ++n)
+                g[(t * kRows + r) * N + n] = wp[(kb + r) * sk + n * sn + tap_off[t]];
+        }
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int t = 0; t < 9; ++t)
+            for (int64_t n = 0; n < N; ++n)
+              g[(t * kRows + r) * N + n] = wp[(kb + r) * sk + n * sn + tap_off[t]];
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* ur = up + (kb + r) * N;
+        const float* gr = g + r * N;
+        if (tile == 2 && transposed_flipped)
+          FASTUNET_WINO(winograd_weight_chunk<4, true>(gr, kRows * N, ur, P, N));
+        else if (tile == 2)
+          FASTUNET_WINO(winograd_weight_chunk<4, false>(gr, kRows * N, ur, P, N));
+        else if (transposed_flipped)
+          FASTUNET_WINO(winograd_weight_chunk<6, true>(gr, kRows * N, ur, P, N));
+        else
+          FASTUNET_WINO(winograd_weight_chunk<6, false>(gr, kRows * N, ur, P, N));
+      }
+    }
+  });
+  return u;
 }
 
 struct CacheEntry {
@@ -177,7 +232,7 @@ struct CacheEntry {
 // address cannot be taken by a new tensor; dead weights' entries are dropped on every miss.
 // Inference tensors have no version counter: their transforms are not cached.
 at::Tensor cached_transform(const at::Tensor& weight, int64_t tile) {
-  if (weight.is_inference()) return transform_weight(weight, tile);
+  if (weight.is_inference()) return transform_weight(weight, tile, false);
   static std::mutex mutex;
   static std::vector<CacheEntry> cache;
   const uint32_t version = weight._version();
@@ -189,7 +244,7 @@ at::Tensor cached_transform(const at::Tensor& weight, int64_t tile) {
           !e.weight.expired())
         return e.u;
   }
-  at::Tensor u = transform_weight(weight, tile);
+  at::Tensor u = transform_weight(weight, tile, false);
   std::lock_guard<std::mutex> lock(mutex);
   cache.erase(std::remove_if(cache.begin(), cache.end(),
                              [&](const CacheEntry& e) {
@@ -287,6 +342,27 @@ void run_blocks(const float* x, const at::Tensor& ut, const float* bias, float* 
   });
 }
 
+// The convolution of NCHW-shaped input by the transformed weight u (alpha^2, Cin, Cout) into a
+// new channels_last tensor.
+at::Tensor run_conv(const at::Tensor& input, const at::Tensor& u, const float* bias, bool relu,
+                    int64_t tile, int64_t block) {
+  const int64_t N = input.size(0), cin = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t cout = u.size(2);
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y =
+      at::empty({N, cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const int64_t tiles = N * ((H + tile - 1) / tile) * ((W + tile - 1) / tile);
+  if (block == 0) block = auto_block(cin, cout, tiles);
+  if (tile == 2)
+    run_blocks<4>(x.data_ptr<float>(), u, bias, y.data_ptr<float>(), N, H, W, cin, cout, relu,
+                  block);
+  else
+    run_blocks<6>(x.data_ptr<float>(), u, bias, y.data_ptr<float>(), N, H, W, cin, cout, relu,
+                  block);
+  return y;
+}
+
 bool env_enabled() {
   const char* v = std::getenv("FASTUNET_WINOGRAD");
   return v == nullptr || std::strcmp(v, "0") != 0;
@@ -335,24 +411,28 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
               "winograd_conv3x3: bias must be float32 (", weight.size(0), ",)");
   TORCH_CHECK(input.size(1) > 0, "winograd_conv3x3: input has no channels");
   TORCH_CHECK(block >= 0, "winograd_conv3x3: block must be >= 0, got ", block);
-  const int64_t N = input.size(0), cin = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t cout = weight.size(0);
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor y =
-      at::empty({N, cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
-  const at::Tensor u = cached_transform(weight, tile);
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t tiles = N * ((H + tile - 1) / tile) * ((W + tile - 1) / tile);
-  if (block == 0) block = auto_block(cin, cout, tiles);
-  const float* bp = has_bias ? b.data_ptr<float>() : nullptr;
-  if (tile == 2)
-    run_blocks<4>(x.data_ptr<float>(), u, bp, y.data_ptr<float>(), N, H, W,
-                  cin, cout, relu, block);
-  else
-    run_blocks<6>(x.data_ptr<float>(), u, bp, y.data_ptr<float>(), N, H, W,
-                  cin, cout, relu, block);
-  return y;
+  return run_conv(input, cached_transform(weight, tile), has_bias ? b.data_ptr<float>() : nullptr,
+                  relu, tile, block);
+}
+
+at::Tensor winograd_conv3x3_train(const at::Tensor& input, const at::Tensor& weight,
+                                  bool input_grad, int64_t block) {
+  TORCH_CHECK(input.device().is_cpu() && input.dim() == 4 && input.scalar_type() == at::kFloat,
+              "_winograd_conv3x3_train: input must be a 4-D float32 CPU tensor, got ",
+              input.scalar_type(), " of shape ", input.sizes());
+  const int64_t in_dim = input_grad ? 0 : 1;  // the weight's dimension the input's channels are
+  TORCH_CHECK(weight.device().is_cpu() && !weight.is_mkldnn() && weight.dim() == 4 &&
+                  weight.size(2) == 3 && weight.size(3) == 3 &&
+                  weight.size(in_dim) == input.size(1) && weight.scalar_type() == at::kFloat,
+              "_winograd_conv3x3_train: weight must be a dense float32 CPU tensor of shape ",
+              input_grad ? "(" : "(Cout, ", input.size(1), input_grad ? ", Cin, 3, 3)" : ", 3, 3)",
+              ", got ", weight.scalar_type(), " of shape ", weight.sizes());
+  TORCH_CHECK(input.size(1) > 0, "_winograd_conv3x3_train: input has no channels");
+  TORCH_CHECK(block >= 0, "_winograd_conv3x3_train: block must be >= 0, got ", block);
+  thread_local at::Tensor workspace;  // U lives only during the call; one call at a time a thread
+  return run_conv(input, transform_weight(weight, 4, input_grad, &workspace), nullptr, false, 4,
+                  block);
 }
 
 namespace {
@@ -363,11 +443,17 @@ at::Tensor winograd_conv3x3_op(const at::Tensor& input, const at::Tensor& weight
   return winograd_conv3x3(input, weight, bias, relu, tile, block);
 }
 
+at::Tensor winograd_conv3x3_train_op(const at::Tensor& input, const at::Tensor& weight,
+                                     bool input_grad, int64_t block) {
+  return winograd_conv3x3_train(input, weight, input_grad, block);
+}
+
 }  // namespace
 }  // namespace fastunet
 
 TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
   m.impl("_winograd_conv3x3", &fastunet::winograd_conv3x3_op);
+  m.impl("_winograd_conv3x3_train", &fastunet::winograd_conv3x3_train_op);
 }
 
 // oneDNN-packed weights (see conv_bias_relu) put the call under the MkldnnCPU key.

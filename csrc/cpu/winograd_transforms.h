@@ -101,3 +101,48 @@ void winograd_output_tile(const float* __restrict mtx, int64_t xs, const float* 
     }
   }
 }
+
+// Weight transform U = G g G^T of P filters at once, in double: g[k * gs + e] is tap k (row-major
+// 3x3; with kFlip, tap 8 - k: the filter rotated by 180 degrees) of filter e, u[xi * us + e] gets
+// (G g G^T)[xi] as float. Vectorised across filters (the loop over e, contiguous per tap). G rows:
+// F(2x2) (points 0, +-1, inf) and F(4x4) (Lavin & Gray: 0, +-1, +-2, inf).
+template <int A>
+inline void winograd_g(const double* x, int sx, double* y, int sy);
+
+template <>
+inline void winograd_g<4>(const double* x, int sx, double* y, int sy) {
+  const double x0 = x[0], x1 = x[sx], x2 = x[2 * sx];
+  y[0] = x0;
+  y[sy] = .5 * (x0 + x1 + x2);
+  y[2 * sy] = .5 * (x0 - x1 + x2);
+  y[3 * sy] = x2;
+}
+
+template <>
+inline void winograd_g<6>(const double* x, int sx, double* y, int sy) {
+  const double x0 = x[0], x1 = x[sx], x2 = x[2 * sx];
+  const double s = x0 + x2, h = x0 * (1. / 24) + x2 * (1. / 6), q = x1 * (1. / 12);
+  y[0] = x0 * .25;
+  y[sy] = (s + x1) * (-1. / 6);
+  y[2 * sy] = (s - x1) * (-1. / 6);
+  y[3 * sy] = h + q;
+  y[4 * sy] = h - q;
+  y[5 * sy] = x2;
+}
+
+template <int A, bool kFlip>
+void winograd_weight_chunk(const float* __restrict g, int64_t gs, float* __restrict u,
+                           int64_t us, int64_t P) {
+#pragma GCC ivdep
+  for (int64_t e = 0; e < P; ++e) {
+    double d[9], t[A * 3], r[A * A];
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) d[k] = double(g[(kFlip ? 8 - k : k) * gs + e]);
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j) winograd_g<A>(d + j, 3, t + j, 3);  // G g: A x 3
+#pragma GCC unroll 6
+    for (int i = 0; i < A; ++i) winograd_g<A>(t + i * 3, 1, r + i * A, 1);  // (G g) G^T
+#pragma GCC unroll 36
+    for (int k = 0; k < A * A; ++k) u[k * us + e] = float(r[k]);
+  }
+}
