@@ -107,6 +107,10 @@ def make_extension():
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fvisibility=hidden"]  # torch picks the C++ standard its headers need
+    # at::parallel_for is a header template: compiled without OpenMP it runs every CPU kernel on
+    # one thread. libgomp.so.1 resolves to the copy torch has already loaded (same soname).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx += openmp
     define_macros = [("TORCH_EXTENSION_NAME", "_C")] + ([("FASTUNET_DEBUG", None)] if debug else [])
     include_dirs = [os.path.join(ROOT, "csrc")]
     print(f"fastunet build: torch {torch.__version__}, CPU kernels: yes, "
@@ -114,7 +118,8 @@ def make_extension():
     if not with_cuda:
         define_macros.append(("FASTUNET_CUDA_ARCHS", '""'))
         return CppExtension("fastunet._C", native_sources(False), include_dirs=include_dirs,
-                            define_macros=define_macros, extra_compile_args={"cxx": cxx})
+                            define_macros=define_macros, extra_compile_args={"cxx": cxx},
+                            extra_link_args=openmp)
     archs, source = cuda_arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     print(f"fastunet build: CUDA_HOME={os.environ.get('CUDA_HOME')}, CUDA archs {archs} ({source})")
@@ -123,7 +128,8 @@ def make_extension():
     nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension("fastunet._C", native_sources(True), include_dirs=include_dirs,
                          define_macros=define_macros,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                         extra_link_args=openmp)
 
 
 setup(

@@ -20,6 +20,15 @@ TORCH_LIBRARY(fastunet, m) {
   // (batch, height, width); the first one on ties, like torch.argmax. Not differentiable.
   m.def("tile_aggregate_argmax(Tensor tiles, int batch, int height, int width, int stride_h, "
         "int stride_w, Tensor? weight=None) -> Tensor");
+  // The same two written into a caller's `out` (exactly the shape, dtype and device the
+  // allocating form returns, contiguous), so that a loop over same-size images can reuse one
+  // buffer: a fresh multi-megabyte CPU output costs its page faults (first touch) on every
+  // call, as much as the aggregation itself. Not differentiable.
+  m.def("tile_aggregate_into(Tensor tiles, int batch, int height, int width, int stride_h, "
+        "int stride_w, Tensor? weight=None, bool normalize=True, bool softmax=False, *, "
+        "Tensor(a!) out) -> ()");
+  m.def("tile_aggregate_argmax_into(Tensor tiles, int batch, int height, int width, "
+        "int stride_h, int stride_w, Tensor? weight=None, *, Tensor(a!) out) -> ()");
   // tile_extract: the adjoint of tile_aggregate (without softmax) with the same
   // weight/normalize; with the defaults it cuts the windows out of the images.
   m.def("tile_extract(Tensor image, int tile_h, int tile_w, int stride_h, int stride_w, "

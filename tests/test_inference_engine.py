@@ -132,6 +132,38 @@ def test_output_kinds_follow_logits():
     assert torch.equal(labels.long(), logits.argmax(1))
 
 
+@pytest.mark.parametrize("mode, size, output, prob_class", [
+    ("slide", (130, 100), ("labels", "probs"), 1),   # the Predictor's call: the average is consumed
+    ("slide", (130, 100), ("logits", "labels"), None),  # logits returned: the average is the result
+    ("whole", (50, 70), "logits", None),              # canvas padded to 16, result cropped (a copy)
+    ("slide", (40, 50), "labels", None),              # smaller than the crop: fused, then cropped
+    ("slide", (130, 100), "probs", None),             # returned as aggregated: never a reused one
+])
+def test_reused_aggregate_buffer_never_leaks_into_results(mode, size, output, prob_class):
+    # successive same-size images reuse one CPU aggregate where only copies of it are returned;
+    # what a call returned stays as it was after the next call overwrites that buffer
+    net = TinyNet(classes=3)
+    engine = InferenceEngine(net, mode, 64, 42) if mode == "slide" else InferenceEngine(net, mode)
+    fresh = lambda x: (InferenceEngine(net, mode, 64, 42) if mode == "slide"
+                       else InferenceEngine(net, mode))(x, output, prob_class=prob_class)
+    as_tuple = lambda r: r if isinstance(r, tuple) else (r,)
+    x1, x2 = torch.randn(2, 1, 3, *size)
+    first = as_tuple(engine(x1, output, prob_class=prob_class))
+    kept = [t.clone() for t in first]
+    buffers = list(engine._out_buffers.values())
+    second = as_tuple(engine(x2, output, prob_class=prob_class))
+    for got, expected in zip(first + second, kept + list(as_tuple(fresh(x2)))):
+        assert torch.equal(got, expected)
+    assert not torch.equal(first[0], second[0])  # different images, different results
+    returned = {t.untyped_storage().data_ptr() for t in first + second}
+    for buffer in buffers:  # reused, and never handed out
+        kept_now = list(engine._out_buffers.values())
+        assert len(kept_now) == 1 and kept_now[0] is buffer
+        assert buffer.untyped_storage().data_ptr() not in returned
+    consumed = prob_class is not None or size != (130, 100)
+    assert len(buffers) == consumed
+
+
 def test_slide_small_image_pads_to_16_and_crops_back():
     net = TinyNet()
     # 48x32 < crop 64 and multiples of 16: mmseg's windows are the image itself -> identical

@@ -317,3 +317,148 @@ def test_torch_compile_fullgraph(device):
     x = torch.randn(2, 3, 37, 41, device=device)
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x))
+
+
+# ---------------------------------------------------------------------------- out=
+@pytest.mark.parametrize("grid", GRIDS, ids=IDS)
+@pytest.mark.parametrize("epilogue", ["none", "softmax", "argmax"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "gaussian"])
+def test_out_equals_allocating_form(device, grid, epilogue, weighted):
+    # bitwise: the same kernel writes into the caller's buffer; whatever was there is overwritten
+    H, W, th, tw, sh, sw = grid
+    torch.manual_seed(8)
+    n = ref.window_count(H, th, sh) * ref.window_count(W, tw, sw)
+    w = gaussian(th, tw, torch.float32).to(device) if weighted else None
+    tiles = torch.randn(2 * n, 3, th, tw, device=device)
+    for normalize in (True, False):
+        expected = ops.tile_aggregate(tiles, 2, H, W, (sh, sw), weight=w, normalize=normalize,
+                                      epilogue=epilogue)
+        out = torch.full_like(expected, 7)
+        got = ops.tile_aggregate(tiles, 2, H, W, (sh, sw), weight=w, normalize=normalize,
+                                 epilogue=epilogue, out=out)
+        assert got is out and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("epilogue", ["none", "softmax", "argmax"])
+def test_out_equals_allocating_form_dtypes(device, dtype, epilogue):
+    H, W, th, tw, sh, sw = GRIDS[0]
+    torch.manual_seed(9)
+    tiles = layout(torch.randn(6, 2, th, tw, device=device).to(dtype), "permuted")
+    expected = ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue=epilogue)
+    out = torch.empty_like(expected)
+    ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue=epilogue, out=out)
+    assert torch.equal(out, expected)
+
+
+def test_out_reuse_across_calls(device):
+    # one buffer, two different inputs: the second result owes nothing to the first
+    H, W, th, tw, sh, sw = GRIDS[3]
+    n = ref.window_count(H, th, sh) * ref.window_count(W, tw, sw)
+    a, b = torch.randn(2, n, 2, th, tw, device=device)
+    out = torch.empty(1, 2, H, W, device=device)
+    ops.tile_aggregate(a, 1, H, W, (sh, sw), out=out)
+    first = out.clone()
+    ops.tile_aggregate(b, 1, H, W, (sh, sw), out=out)
+    assert torch.equal(first, ops.tile_aggregate(a, 1, H, W, (sh, sw)))
+    assert torch.equal(out, ops.tile_aggregate(b, 1, H, W, (sh, sw)))
+
+
+def test_out_on_the_reference_path(monkeypatch):
+    # without the native kernels the wrapper honours out= (and its checks) all the same
+    H, W, th, tw, sh, sw = GRIDS[0]
+    tiles = torch.randn(6, 2, th, tw)
+    expected = ref.tile_aggregate(tiles, 1, H, W, sh, sw, None, True, "softmax")
+    monkeypatch.setattr(_native, "use_native", lambda t: False)
+    out = torch.empty(1, 2, H, W)
+    assert ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue="softmax", out=out) is out
+    assert torch.equal(out, expected)
+    labels = torch.empty(1, H, W, dtype=torch.uint8)
+    ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue="argmax", out=labels)
+    assert torch.equal(labels, ref.tile_aggregate(tiles, 1, H, W, sh, sw, None, True, "argmax"))
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.tile_aggregate(tiles, 1, H, W, (sh, sw), out=torch.empty(1, 2, H, W + 1))
+
+
+def _bad_outs(device):
+    H, W, th, tw, sh, sw = GRIDS[0]
+    tiles = torch.randn(6, 2, th, tw, device=device)
+    good = (1, 2, H, W)
+    shared = torch.empty(tiles.numel() + 2 * H * W, device=device)
+    overlap_tiles = shared[:tiles.numel()].view_as(tiles)
+    other = "cuda" if device == "cpu" and torch.cuda.is_available() else "meta"
+    return tiles, (H, W, sh, sw), [
+        (torch.empty(1, 2, H, W + 1, device=device), "none", "shape"),
+        (torch.empty(2, 2, H, W, device=device), "none", "shape"),
+        (torch.empty(good, dtype=torch.float64, device=device), "none", "float32|Float"),
+        (torch.empty(good, device=device), "argmax", "Byte|uint8"),
+        (torch.empty(1, H, W, dtype=torch.uint8, device=device), "none", "float32|Float"),
+        (torch.empty(1, 2, W, H, device=device).transpose(2, 3), "none", "contiguous"),
+        (torch.empty(good, device=device).contiguous(memory_format=torch.channels_last), "softmax",
+         "contiguous"),
+        (torch.empty(good, device=other), "none", "device|is on"),
+    ], (overlap_tiles, shared[10:10 + 2 * H * W].view(good))
+
+
+def test_out_bad_arguments_raise(device):
+    tiles, (H, W, sh, sw), cases, (overlap_tiles, overlap_out) = _bad_outs(device)
+    for out, epilogue, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.tile_aggregate(tiles, 1, H, W, (sh, sw), epilogue=epilogue, out=out)
+    overlap_tiles.copy_(tiles)
+    if _native.LOADED:  # the kernels also refuse an out that overlaps what they read
+        with pytest.raises(RuntimeError, match="shares memory"):
+            ops.tile_aggregate(overlap_tiles, 1, H, W, (sh, sw), out=overlap_out)
+        with pytest.raises(RuntimeError, match="shape"):  # the op itself, not only the wrapper
+            torch.ops.fastunet.tile_aggregate_into(tiles, 1, H, W, sh, sw, None, True, False,
+                                                   out=torch.empty(1, 2, H, 1, device=device))
+        with pytest.raises(RuntimeError, match="uint8|Byte"):
+            torch.ops.fastunet.tile_aggregate_argmax_into(
+                tiles, 1, H, W, sh, sw, None, out=torch.empty(1, H, W, device=device))
+    with pytest.raises(TypeError, match="out must be a tensor"):
+        ops.tile_aggregate(tiles, 1, H, W, (sh, sw), out=[0])
+
+
+def test_out_refuses_autograd(device):
+    H, W, th, tw, sh, sw = GRIDS[0]
+    tiles = torch.randn(6, 2, th, tw, device=device, requires_grad=True)
+    out = torch.empty(1, 2, H, W, device=device)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.tile_aggregate(tiles, 1, H, W, (sh, sw), out=out)
+    with torch.no_grad():  # fine when no gradient is wanted
+        ops.tile_aggregate(tiles, 1, H, W, (sh, sw), out=out)
+    assert torch.equal(out, ops.tile_aggregate(tiles.detach(), 1, H, W, (sh, sw)))
+
+
+@pytest.mark.skipif(not _native.LOADED, reason="opcheck needs the native ops")
+@pytest.mark.parametrize("grid", [GRIDS[0], GRIDS[3]], ids=[IDS[0], IDS[3]])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_into(device, grid, weighted):
+    H, W, th, tw, sh, sw = grid
+    n = ref.window_count(H, th, sh) * ref.window_count(W, tw, sw)
+    w = gaussian(th, tw, torch.float32).to(device) if weighted else None
+    tiles = torch.randn(2 * n, 2, th, tw, device=device)
+    for softmax in (False, True):
+        torch.library.opcheck(torch.ops.fastunet.tile_aggregate_into.default,
+                              (tiles, 2, H, W, sh, sw, w, True, softmax),
+                              {"out": torch.empty(2, 2, H, W, device=device)})
+    torch.library.opcheck(torch.ops.fastunet.tile_aggregate_argmax_into.default,
+                          (tiles, 2, H, W, sh, sw, w),
+                          {"out": torch.empty(2, H, W, dtype=torch.uint8, device=device)})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
+def test_torch_compile_fullgraph_into(device):
+    def f(t, out, labels):
+        ops.tile_aggregate(t * 2, 1, 37, 41, (10, 10), out=out)
+        ops.tile_aggregate(t, 1, 37, 41, (10, 10), epilogue="argmax", out=labels)
+        return out + 1
+
+    t = ops.tile_extract(torch.randn(1, 3, 37, 41, device=device), (16, 16), (10, 10))
+    out, labels = torch.empty(1, 3, 37, 41, device=device), torch.empty(
+        1, 37, 41, dtype=torch.uint8, device=device)
+    got = torch.compile(f, fullgraph=True)(t, out, labels)
+    torch.testing.assert_close(got, ops.tile_aggregate(t * 2, 1, 37, 41, (10, 10)) + 1)
+    assert torch.equal(out, ops.tile_aggregate(t * 2, 1, 37, 41, (10, 10)))
+    assert torch.equal(labels, ops.tile_aggregate(t, 1, 37, 41, (10, 10), epilogue="argmax"))

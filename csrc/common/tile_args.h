@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <type_traits>
 
@@ -78,6 +79,27 @@ inline TileGrid aggregate_grid(const at::Tensor& tiles, int64_t batch, int64_t h
 inline void check_argmax_channels(const TileGrid& g) {
   TORCH_CHECK(g.channels >= 1 && g.channels <= 256, "tile_aggregate_argmax needs 1 to 256 "
               "channels (classes) to write uint8 labels, got ", g.channels);
+}
+
+// The caller's output of the tile_aggregate*_into ops: written whole, so it must be exactly the
+// tensor the allocating form would return. `tiles` and `weight` are what the kernel will read
+// (after .contiguous() and the weight's conversion), which must not share memory with it.
+inline void check_tile_out(const at::Tensor& out, const at::Tensor& tiles,
+                           const c10::optional<at::Tensor>& weight, at::IntArrayRef shape,
+                           at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(out.device() == tiles.device(), op, ": out is on ", out.device(),
+              " but the tiles are on ", tiles.device(), "; pass an out on the tiles' device");
+  TORCH_CHECK(out.scalar_type() == dtype, op, ": out must be ", dtype, ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.sizes() == shape, op, ": out must have shape ", shape, ", got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (NCHW), got strides ",
+              out.strides(), "; pass a fresh tensor or a .contiguous() one");
+  const auto overlaps = [&](const at::Tensor& t) {
+    const auto status = at::get_overlap_status(out, t);
+    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  };
+  TORCH_CHECK(!overlaps(tiles) && !(weight.has_value() && overlaps(*weight)), op,
+              ": out shares memory with the tiles or the weight; pass a separate buffer");
 }
 
 // images (batch, C, height, width) -> tiles (batch * grid_h * grid_w, C, tile_h, tile_w)

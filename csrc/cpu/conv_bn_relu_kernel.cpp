@@ -20,6 +20,7 @@
 #include "common/bn_relu.h"
 #include "common/bn_relu_args.h"
 #include "common/conv_bias_relu.h"
+#include "cpu/isa.h"
 #include "cpu/winograd.h"
 
 // The NHWC row loops, built for the baseline ISA and, on x86 with GCC/Clang, for AVX2 (picked at
@@ -46,8 +47,7 @@ namespace {
 
 bool cpu_has_avx2() {
 #ifdef FASTUNET_NHWC_AVX2
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+  return cpu_isa() >= CpuIsa::kAvx2;
 #else
   return false;
 #endif

@@ -363,6 +363,25 @@ void extract_impl(const TileGrid& g, const scalar_t* image, const at::Tensor& we
   });
 }
 
+// Shared by the allocating ops and their _into forms: `out` is the checked, contiguous output.
+void aggregate_cpu(const TileGrid& g, const at::Tensor& tiles,
+                   const c10::optional<at::Tensor>& weight, bool normalize, Epilogue epilogue,
+                   const at::Tensor& out) {
+  if (out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
+                                  "tile_aggregate_cpu", [&] {
+    const at::Tensor w = weight.value_or(at::Tensor());
+    const scalar_t* t = tiles.data_ptr<scalar_t>();
+    if (epilogue == Epilogue::kSoftmax) {
+      aggregate_impl<scalar_t, Epilogue::kSoftmax>(g, t, w, normalize, out.data_ptr());
+    } else if (epilogue == Epilogue::kArgmax) {
+      aggregate_impl<scalar_t, Epilogue::kArgmax>(g, t, w, true, out.data_ptr());
+    } else {
+      aggregate_impl<scalar_t, Epilogue::kNone>(g, t, w, normalize, out.data_ptr());
+    }
+  });
+}
+
 at::Tensor tile_aggregate_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
                               int64_t width, int64_t stride_h, int64_t stride_w,
                               const c10::optional<at::Tensor>& weight_in, bool normalize,
@@ -370,22 +389,24 @@ at::Tensor tile_aggregate_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t
   TORCH_CHECK(tiles_in.device().is_cpu(), "tile_aggregate (CPU kernel): tiles must be on CPU");
   const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
   const at::Tensor tiles = tiles_in.contiguous();
-  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
   at::Tensor out = at::empty({batch, g.channels, height, width}, tiles.options());
-  if (out.numel() == 0) return out;
-  advise_huge_pages(out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
-                                  "tile_aggregate_cpu", [&] {
-    const at::Tensor w = weight.value_or(at::Tensor());
-    if (softmax) {
-      aggregate_impl<scalar_t, Epilogue::kSoftmax>(g, tiles.data_ptr<scalar_t>(), w, normalize,
-                                                   out.data_ptr());
-    } else {
-      aggregate_impl<scalar_t, Epilogue::kNone>(g, tiles.data_ptr<scalar_t>(), w, normalize,
-                                                out.data_ptr());
-    }
-  });
+  if (out.numel() > 0) advise_huge_pages(out);
+  aggregate_cpu(g, tiles, prepare_tile_weight(weight_in, tiles.scalar_type()), normalize,
+                softmax ? Epilogue::kSoftmax : Epilogue::kNone, out);
   return out;
+}
+
+void tile_aggregate_into_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
+                             int64_t width, int64_t stride_h, int64_t stride_w,
+                             const c10::optional<at::Tensor>& weight_in, bool normalize,
+                             bool softmax, const at::Tensor& out) {
+  TORCH_CHECK(tiles_in.device().is_cpu(), "tile_aggregate_into (CPU kernel): tiles must be on CPU");
+  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
+  const at::Tensor tiles = tiles_in.contiguous();
+  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
+  check_tile_out(out, tiles, weight, {batch, g.channels, height, width}, tiles.scalar_type(),
+                 "tile_aggregate_into");
+  aggregate_cpu(g, tiles, weight, normalize, softmax ? Epilogue::kSoftmax : Epilogue::kNone, out);
 }
 
 at::Tensor tile_aggregate_argmax_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
@@ -396,16 +417,25 @@ at::Tensor tile_aggregate_argmax_cpu(const at::Tensor& tiles_in, int64_t batch, 
   const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
   check_argmax_channels(g);
   const at::Tensor tiles = tiles_in.contiguous();
-  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
   at::Tensor out = at::empty({batch, height, width}, tiles.options().dtype(at::kByte));
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
-                                  "tile_aggregate_argmax_cpu", [&] {
-    aggregate_impl<scalar_t, Epilogue::kArgmax>(g, tiles.data_ptr<scalar_t>(),
-                                                weight.value_or(at::Tensor()), true,
-                                                out.data_ptr());
-  });
+  aggregate_cpu(g, tiles, prepare_tile_weight(weight_in, tiles.scalar_type()), true,
+                Epilogue::kArgmax, out);
   return out;
+}
+
+void tile_aggregate_argmax_into_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
+                                    int64_t width, int64_t stride_h, int64_t stride_w,
+                                    const c10::optional<at::Tensor>& weight_in,
+                                    const at::Tensor& out) {
+  TORCH_CHECK(tiles_in.device().is_cpu(),
+              "tile_aggregate_argmax_into (CPU kernel): tiles must be on CPU");
+  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
+  check_argmax_channels(g);
+  const at::Tensor tiles = tiles_in.contiguous();
+  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
+  check_tile_out(out, tiles, weight, {batch, height, width}, at::kByte,
+                 "tile_aggregate_argmax_into");
+  aggregate_cpu(g, tiles, weight, true, Epilogue::kArgmax, out);
 }
 
 at::Tensor tile_extract_cpu(const at::Tensor& image_in, int64_t tile_h, int64_t tile_w,
@@ -431,5 +461,7 @@ at::Tensor tile_extract_cpu(const at::Tensor& image_in, int64_t tile_h, int64_t 
 TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
   m.impl("tile_aggregate", &fastunet::tile_aggregate_cpu);
   m.impl("tile_aggregate_argmax", &fastunet::tile_aggregate_argmax_cpu);
+  m.impl("tile_aggregate_into", &fastunet::tile_aggregate_into_cpu);
+  m.impl("tile_aggregate_argmax_into", &fastunet::tile_aggregate_argmax_into_cpu);
   m.impl("tile_extract", &fastunet::tile_extract_cpu);
 }

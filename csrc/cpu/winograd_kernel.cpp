@@ -26,6 +26,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "cpu/winograd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -122,16 +123,12 @@ void block_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float*
 namespace fastunet {
 namespace {
 
-enum class Isa { kBase, kAvx2, kAvx512 };
+using Isa = CpuIsa;  // cpu/isa.h: cpuid, capped by FASTUNET_CPU_ISA
 
-Isa cpu_isa() {
+// The ISA this build can use: cpu/isa.h's pick where the ISA-specific kernels were compiled.
+Isa wino_isa() {
 #ifdef FASTUNET_WINO_X86
-  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-                             ? Isa::kAvx512
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                             ? Isa::kAvx2
-                             : Isa::kBase;
-  return isa;
+  return cpu_isa();
 #else
   return Isa::kBase;
 #endif
@@ -139,8 +136,8 @@ Isa cpu_isa() {
 
 #ifdef FASTUNET_WINO_X86
 #define FASTUNET_WINO(...)                                  \
-  (cpu_isa() == Isa::kAvx512 ? wino_avx512::__VA_ARGS__     \
-   : cpu_isa() == Isa::kAvx2 ? wino_avx2::__VA_ARGS__       \
+  (wino_isa() == Isa::kAvx512 ? wino_avx512::__VA_ARGS__     \
+   : wino_isa() == Isa::kAvx2 ? wino_avx2::__VA_ARGS__       \
                              : wino_base::__VA_ARGS__)
 #else
 #define FASTUNET_WINO(...) wino_base::__VA_ARGS__
@@ -308,7 +305,7 @@ void run_blocks(const float* x, const at::Tensor& ut, const float* bias, float* 
         FASTUNET_WINO(winograd_input_tile<A>(src, v.data() + k * cin, block * cin, cin));
       }
       // M[xi] (nt x cout) = V[xi] (nt x cin) @ U[xi] (cin x cout)
-      if (cpu_isa() == Isa::kAvx512) {
+      if (wino_isa() == Isa::kAvx512) {
 #ifdef FASTUNET_WINO_X86
         for (int xi = 0; xi < A * A; ++xi)
           wino_avx512::block_gemm(v.data() + xi * block * cin, cin, u + xi * cin * cout, cout,
@@ -374,6 +371,10 @@ int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups) {
   if (!env_enabled()) return 0;
+  // Only with the AVX-512 matrix kernel: the AVX2 and baseline builds multiply through at::bmm
+  // per tile block and measured 7.5x and 76x slower than it (64->64 channels, 8 x 64x64, on a
+  // Zen4 capped with FASTUNET_CPU_ISA), far behind oneDNN's direct convolution.
+  if (wino_isa() != Isa::kAvx512) return 0;
   if (input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
       input.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3 ||
       groups != 1)

@@ -179,6 +179,35 @@ __global__ void tile_extract_forward_kernel_impl(TileGrid g, const scalar_t* __r
   }
 }
 
+// Shared by the allocating ops and their _into forms: `out` is the checked, contiguous output.
+// kind: 0 average (or sum), 1 softmax, 2 argmax.
+void aggregate_cuda(const TileGrid& g, const at::Tensor& tiles,
+                    const c10::optional<at::Tensor>& weight, bool normalize, int kind,
+                    const at::Tensor& out) {
+  if (out.numel() == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
+                                  "tile_aggregate_cuda", [&] {
+    using acc_t = tile_acc_t<scalar_t>;
+    const acc_t* w = weight ? weight->data_ptr<acc_t>() : nullptr;
+    const scalar_t* t = tiles.data_ptr<scalar_t>();
+    if (kind == 2) {
+      tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, true>
+          <<<grid_2d(g.width, g.batch * g.height), kThreads, 0, stream>>>(
+              g, t, w, true, nullptr, out.data_ptr<uint8_t>());
+    } else if (kind == 1) {
+      tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, false>
+          <<<grid_2d(g.width, g.batch * g.height), kThreads, 0, stream>>>(
+              g, t, w, normalize, out.data_ptr<scalar_t>(), nullptr);
+    } else {
+      tile_aggregate_forward_kernel_impl<scalar_t, acc_t>
+          <<<grid_2d(g.width, g.batch * g.channels * g.height), kThreads, 0, stream>>>(
+              g, t, w, normalize, out.data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor tile_aggregate_cuda(const at::Tensor& tiles_in, int64_t batch, int64_t height,
                                int64_t width, int64_t stride_h, int64_t stride_w,
                                const c10::optional<at::Tensor>& weight_in, bool normalize,
@@ -187,26 +216,25 @@ at::Tensor tile_aggregate_cuda(const at::Tensor& tiles_in, int64_t batch, int64_
   const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
   const c10::cuda::CUDAGuard guard(tiles_in.device());
   const at::Tensor tiles = tiles_in.contiguous();
-  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
   at::Tensor out = at::empty({batch, g.channels, height, width}, tiles.options());
-  if (out.numel() == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
-                                  "tile_aggregate_cuda", [&] {
-    using acc_t = tile_acc_t<scalar_t>;
-    const acc_t* w = weight ? weight->data_ptr<acc_t>() : nullptr;
-    if (softmax) {
-      tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, false>
-          <<<grid_2d(width, batch * height), kThreads, 0, stream>>>(
-              g, tiles.data_ptr<scalar_t>(), w, normalize, out.data_ptr<scalar_t>(), nullptr);
-    } else {
-      tile_aggregate_forward_kernel_impl<scalar_t, acc_t>
-          <<<grid_2d(width, batch * g.channels * height), kThreads, 0, stream>>>(
-              g, tiles.data_ptr<scalar_t>(), w, normalize, out.data_ptr<scalar_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  aggregate_cuda(g, tiles, prepare_tile_weight(weight_in, tiles.scalar_type()), normalize,
+                 softmax ? 1 : 0, out);
   return out;
+}
+
+void tile_aggregate_into_cuda(const at::Tensor& tiles_in, int64_t batch, int64_t height,
+                              int64_t width, int64_t stride_h, int64_t stride_w,
+                              const c10::optional<at::Tensor>& weight_in, bool normalize,
+                              bool softmax, const at::Tensor& out) {
+  TORCH_CHECK(tiles_in.is_cuda(),
+              "tile_aggregate_into (CUDA kernel): tiles must be on a CUDA device");
+  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
+  const c10::cuda::CUDAGuard guard(tiles_in.device());
+  const at::Tensor tiles = tiles_in.contiguous();
+  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
+  check_tile_out(out, tiles, weight, {batch, g.channels, height, width}, tiles.scalar_type(),
+                 "tile_aggregate_into");
+  aggregate_cuda(g, tiles, weight, normalize, softmax ? 1 : 0, out);
 }
 
 at::Tensor tile_aggregate_argmax_cuda(const at::Tensor& tiles_in, int64_t batch, int64_t height,
@@ -218,20 +246,25 @@ at::Tensor tile_aggregate_argmax_cuda(const at::Tensor& tiles_in, int64_t batch,
   check_argmax_channels(g);
   const c10::cuda::CUDAGuard guard(tiles_in.device());
   const at::Tensor tiles = tiles_in.contiguous();
-  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
   at::Tensor out = at::empty({batch, height, width}, tiles.options().dtype(at::kByte));
-  if (out.numel() == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
-                                  "tile_aggregate_argmax_cuda", [&] {
-    using acc_t = tile_acc_t<scalar_t>;
-    tile_aggregate_epilogue_kernel_impl<scalar_t, acc_t, true>
-        <<<grid_2d(width, batch * height), kThreads, 0, stream>>>(
-            g, tiles.data_ptr<scalar_t>(), weight ? weight->data_ptr<acc_t>() : nullptr, true,
-            nullptr, out.data_ptr<uint8_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  aggregate_cuda(g, tiles, prepare_tile_weight(weight_in, tiles.scalar_type()), true, 2, out);
   return out;
+}
+
+void tile_aggregate_argmax_into_cuda(const at::Tensor& tiles_in, int64_t batch, int64_t height,
+                                     int64_t width, int64_t stride_h, int64_t stride_w,
+                                     const c10::optional<at::Tensor>& weight_in,
+                                     const at::Tensor& out) {
+  TORCH_CHECK(tiles_in.is_cuda(),
+              "tile_aggregate_argmax_into (CUDA kernel): tiles must be on a CUDA device");
+  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
+  check_argmax_channels(g);
+  const c10::cuda::CUDAGuard guard(tiles_in.device());
+  const at::Tensor tiles = tiles_in.contiguous();
+  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
+  check_tile_out(out, tiles, weight, {batch, height, width}, at::kByte,
+                 "tile_aggregate_argmax_into");
+  aggregate_cuda(g, tiles, weight, true, 2, out);
 }
 
 at::Tensor tile_extract_cuda(const at::Tensor& image_in, int64_t tile_h, int64_t tile_w,
@@ -263,5 +296,7 @@ at::Tensor tile_extract_cuda(const at::Tensor& image_in, int64_t tile_h, int64_t
 TORCH_LIBRARY_IMPL(fastunet, CUDA, m) {
   m.impl("tile_aggregate", &fastunet::tile_aggregate_cuda);
   m.impl("tile_aggregate_argmax", &fastunet::tile_aggregate_argmax_cuda);
+  m.impl("tile_aggregate_into", &fastunet::tile_aggregate_into_cuda);
+  m.impl("tile_aggregate_argmax_into", &fastunet::tile_aggregate_argmax_into_cuda);
   m.impl("tile_extract", &fastunet::tile_extract_cuda);
 }

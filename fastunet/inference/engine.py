@@ -373,6 +373,10 @@ class InferenceEngine:
         CPU, free memory only on CUDA. Peak memory is then about: the input + the outputs asked
         for (labels 1 byte per pixel, probabilities 4 per class) + max_buffer_bytes + the
         activations of one window batch.
+
+    On the CPU, when only copies of an image's aggregate are returned (labels with probs, a
+    prob_class, a padded canvas cropped back), the aggregate's buffer stays with the engine
+    between calls and the next image of the same size reuses it; a result never aliases it.
     """
 
     def __init__(self, fn, mode="slide", crop_size=None, stride=None, *, tile_size=1024,
@@ -433,6 +437,7 @@ class InferenceEngine:
         self.state_version = state_version
         self._graph_version = None  # state_version() when the kept graphs were captured
         self.last_schedule = None  # what the last call chose: window batch, bands, output device
+        self._out_buffers = {}  # (shape, dtype, device) -> the CPU aggregate reused across calls
 
     # ------------------------------------------------------------------ geometry
     def plan(self, height, width):
@@ -666,23 +671,45 @@ class InferenceEngine:
                 del x
                 logits = self._window_logits(windows, plan, classes, batch)
                 del windows
-                if len(outputs) == 1 and prob_class is None:  # the fused epilogue
-                    results = [ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas,
-                                                  stride, weight=weight,
-                                                  epilogue=OUTPUTS[outputs[0]])]
-                else:
-                    avg = ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas, stride,
-                                             weight=weight)
-                    results = [_finish(avg, kind, prob_class) for kind in outputs]
-                    del avg
-                del logits
+                fused = len(outputs) == 1 and prob_class is None
+                epilogue = OUTPUTS[outputs[0]] if fused else "none"
+                # the aggregate goes into a reused buffer when only copies of it reach the caller
+                consumed = ((plan.y.canvas, plan.x.canvas) != (height, width)
+                            or torch.device(out_dev) != logits.device
+                            or (not fused and "logits" not in outputs))
+                key, out = self._take_buffer(logits, n, plan, epilogue) if consumed else (0, None)
+                avg = ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas, stride,
+                                         weight=weight, epilogue=epilogue, out=out)
+                results = [avg] if fused else [_finish(avg, kind, prob_class) for kind in outputs]
+                del avg, logits
                 results = [r.to(out_dev) for r in results]
                 results = [r[..., :height, :width].contiguous()
                            if r.shape[-2:] != (height, width) else r for r in results]
+                if out is not None:  # only copies of it are in results: the next call may reuse it
+                    self._out_buffers[key] = out
             else:
                 results = self._streamed(images, plan, classes, batch, rows, out_dev, weight,
                                          outputs, prep, prob_class)
         return results[0] if isinstance(output, str) else tuple(results)
+
+    def _take_buffer(self, logits, n, plan, epilogue):
+        """(key, CPU output for tile_aggregate): the one the last call of this size gave back
+        (one image size after another: a folder, an evaluation set), else a new one. A fresh
+        output costs its page faults on every call, as much as the aggregation itself for an HRF
+        image. Taken out of the engine while in use (dict.pop is atomic), so concurrent calls
+        never share one. (key, None) on CUDA, whose caching allocator already recycles memory."""
+        if logits.device.type != "cpu":
+            return None, None
+        if epilogue == "argmax":
+            shape, dtype = (n, plan.y.canvas, plan.x.canvas), torch.uint8
+        else:
+            shape, dtype = (n, logits.shape[1], plan.y.canvas, plan.x.canvas), logits.dtype
+        key = (shape, dtype, logits.device)
+        out = self._out_buffers.pop(key, None)
+        if out is None:
+            self._out_buffers.clear()  # another size's buffer: let it go first
+            out = torch.empty(shape, dtype=dtype, device=logits.device)
+        return key, out
 
     def _streamed(self, src, plan, classes, batch, rows, out_dev, weight, outputs, prep,
                   prob_class):

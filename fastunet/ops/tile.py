@@ -19,7 +19,7 @@ EPILOGUES = ("none", "softmax", "argmax")
 
 
 def tile_aggregate(tiles, batch, height, width, stride, weight=None, normalize=True,
-                   epilogue="none"):
+                   epilogue="none", out=None):
     """Average (or sum) window outputs into full images, optionally fusing softmax or argmax.
 
     tiles: (batch * grid_h * grid_w, C, th, tw), windows in row-major grid order per image, the
@@ -29,18 +29,59 @@ def tile_aggregate(tiles, batch, height, width, stride, weight=None, normalize=T
     dtype; "softmax" -> class probabilities of that, same shape (differentiable); "argmax" ->
     uint8 (batch, height, width) labels of the average (normalize ignored; first class on ties).
     Uncovered pixels are 0 (softmax 1/C, argmax 0).
+
+    out: optional contiguous tensor of exactly that shape, dtype and device, written in place
+    and returned (not differentiable). Reusing one across same-size images saves the page
+    faults of a fresh output, which on the CPU cost as much as the aggregation itself.
     """
     sh, sw = _pair(stride)
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if out is not None:
+        _check_out(out, tiles, weight, batch, height, width, epilogue)
     if _native.use_native(tiles):
+        if out is not None:
+            if epilogue == "argmax":
+                torch.ops.fastunet.tile_aggregate_argmax_into(tiles, batch, height, width, sh, sw,
+                                                              weight, out=out)
+            else:
+                torch.ops.fastunet.tile_aggregate_into(tiles, batch, height, width, sh, sw,
+                                                       weight, normalize, epilogue == "softmax",
+                                                       out=out)
+            return out
         if epilogue == "argmax":
             return torch.ops.fastunet.tile_aggregate_argmax(tiles, batch, height, width, sh, sw,
                                                             weight)
         return torch.ops.fastunet.tile_aggregate(tiles, batch, height, width, sh, sw, weight,
                                                  normalize, epilogue == "softmax")
     ref.check_grid(height, width, tiles.shape[-2], tiles.shape[-1], sh, sw)
-    return ref.tile_aggregate(tiles, batch, height, width, sh, sw, weight, normalize, epilogue)
+    return ref.tile_aggregate(tiles, batch, height, width, sh, sw, weight, normalize, epilogue,
+                              out=out)
+
+
+def _check_out(out, tiles, weight, batch, height, width, epilogue):
+    """out= must be what the allocating form returns (the kernels check it again, the
+    reference path only here); and it cannot carry gradients."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor or None, got {type(out).__name__}")
+    if torch.is_grad_enabled() and (tiles.requires_grad or out.requires_grad
+                                    or (weight is not None and weight.requires_grad)):
+        raise RuntimeError("tile_aggregate(out=...) is not differentiable; call it without out= "
+                           "(or under torch.no_grad()) when gradients are needed")
+    if epilogue == "argmax":
+        shape, dtype = (batch, height, width), torch.uint8
+    else:
+        shape, dtype = (batch, tiles.shape[1], height, width), tiles.dtype
+    if out.device != tiles.device:
+        raise RuntimeError(f"tile_aggregate: out is on {out.device} but the tiles are on "
+                           f"{tiles.device}; pass an out on the tiles' device")
+    if out.dtype != dtype:
+        raise RuntimeError(f"tile_aggregate: out must be {dtype}, got {out.dtype}")
+    if tuple(out.shape) != shape:
+        raise RuntimeError(f"tile_aggregate: out must have shape {shape}, got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise RuntimeError(f"tile_aggregate: out must be contiguous (NCHW), got strides "
+                           f"{out.stride()}; pass a fresh tensor or a .contiguous() one")
 
 
 def tile_extract(image, tile_size, stride, weight=None, normalize=False):
@@ -78,6 +119,22 @@ if _native.LOADED:
         _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w)
         torch._check(1 <= tiles.shape[1] <= 256, lambda: "argmax needs 1 to 256 channels")
         return tiles.new_empty((batch, height, width), dtype=torch.uint8)
+
+    @torch.library.register_fake("fastunet::tile_aggregate_into")
+    def _tile_aggregate_into_fake(tiles, batch, height, width, stride_h, stride_w, weight=None,
+                                  normalize=True, softmax=False, *, out):
+        _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w)
+        torch._check(tuple(out.shape) == (batch, tiles.shape[1], height, width)
+                     and out.dtype == tiles.dtype, lambda: "out must be (batch, C, height, "
+                     "width) in the tiles' dtype")
+
+    @torch.library.register_fake("fastunet::tile_aggregate_argmax_into")
+    def _tile_aggregate_argmax_into_fake(tiles, batch, height, width, stride_h, stride_w,
+                                         weight=None, *, out):
+        _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w)
+        torch._check(1 <= tiles.shape[1] <= 256, lambda: "argmax needs 1 to 256 channels")
+        torch._check(tuple(out.shape) == (batch, height, width) and out.dtype == torch.uint8,
+                     lambda: "out must be uint8 (batch, height, width)")
 
     @torch.library.register_fake("fastunet::tile_extract")
     def _tile_extract_fake(image, tile_h, tile_w, stride_h, stride_w, weight=None,

@@ -29,12 +29,19 @@ def _normaliser(height, width, tile_h, tile_w, stride_h, stride_w, weight, devic
 
 
 def tile_aggregate(tiles, batch, height, width, stride_h, stride_w, weight=None, normalize=True,
-                   epilogue="none"):
+                   epilogue="none", out=None):
     """(batch*gh*gw, C, th, tw) windows -> (batch, C, height, width) weighted average (or sum).
 
     epilogue "softmax" returns the softmax over C of that; "argmax" the uint8 (batch, height,
-    width) class index of the average (normalize is ignored: argmax always averages).
+    width) class index of the average (normalize is ignored: argmax always averages). out: a
+    tensor of the result's shape and dtype to copy the result into and return.
     """
+    result = _aggregate(tiles, batch, height, width, stride_h, stride_w, weight, normalize,
+                        epilogue)
+    return result if out is None else out.copy_(result)
+
+
+def _aggregate(tiles, batch, height, width, stride_h, stride_w, weight, normalize, epilogue):
     _, channels, tile_h, tile_w = tiles.shape
     acc = _acc(tiles)
     ys, xs = window_starts(height, tile_h, stride_h), window_starts(width, tile_w, stride_w)
