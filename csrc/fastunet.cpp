@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/winograd.h"
+
 #ifndef FASTUNET_CUDA_ARCHS
 #define FASTUNET_CUDA_ARCHS ""
 #endif
@@ -100,4 +102,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastunet native kernels; the ops themselves live in torch.ops.fastunet";
   m.def("build_info", &build_info, "How this binary was built (CUDA kernels, archs, torch)");
+  m.def("winograd_fast_kernel", &fastunet::winograd_has_fast_kernel,
+        "Whether the CPU Winograd convolution runs its AVX-512 kernel here (else not dispatched)");
 }

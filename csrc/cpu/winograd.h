@@ -23,6 +23,11 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool relu, int64_t tile,
                             int64_t block = 0);
 
+// Whether this CPU and build run the Winograd products with their AVX-512 kernel (cpu/isa.h,
+// capped by FASTUNET_CPU_ISA): the AVX2/baseline builds are far slower than oneDNN, so neither
+// inference nor training dispatches Winograd without it.
+bool winograd_has_fast_kernel();
+
 // Training's F(4x4,3x3) convolutions, no bias or activation, channels_last out, the weight
 // transformed on every call (uncached: it changes every step). input_grad false: conv3x3(input,
 // weight) with input (N, Cin, H, W); true: the input gradient of that conv from input = its

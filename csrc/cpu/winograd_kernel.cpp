@@ -367,6 +367,8 @@ bool env_enabled() {
 
 }  // namespace
 
+bool winograd_has_fast_kernel() { return wino_isa() == Isa::kAvx512; }
+
 int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups) {

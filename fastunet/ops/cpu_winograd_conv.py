@@ -12,6 +12,7 @@ Used by ``conv_bn_relu_train`` on CPU for float32 channels_last inputs of bias-f
 undilated, ungrouped 3x3 convs with padding 1, on the shapes where it measured faster
 (``use_winograd``); FASTUNET_WINOGRAD=0 turns it off (as for inference).
 """
+import functools
 import os
 
 import torch
@@ -29,8 +30,14 @@ MIN_TILES = 64
 
 
 def enabled():
-    """False when FASTUNET_WINOGRAD=0 (read on every call, as the native inference path does)."""
-    return _native.LOADED and os.environ.get("FASTUNET_WINOGRAD") != "0"
+    """False when FASTUNET_WINOGRAD=0 (read on every call, as the native inference path does) or
+    where the native kernel has no AVX-512 matrix products (slower than oneDNN there)."""
+    return os.environ.get("FASTUNET_WINOGRAD") != "0" and _fast_kernel()
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_kernel():
+    return _native.LOADED and bool(_native._C.winograd_fast_kernel())
 
 
 def use_winograd(x, weight, bias, stride, padding, dilation, groups):
