@@ -231,3 +231,25 @@ def test_conv_bn_relu_train_functional_input_gradient_through_winograd(monkeypat
     assert _rel_err(y, ref) < 1e-4
     for got, want in zip(leaves, ref_leaves):
         assert _rel_err(got.grad, want.grad) < 1e-4
+
+
+@dispatching
+def test_training_steps_repeat_bit_for_bit(monkeypatch):
+    """Exact resume needs a step to be a function of its inputs: three SGD steps of a block whose
+    forward and input gradient run by Winograd, twice from the same start, end equal."""
+    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*SHAPE, generator=g).contiguous(memory_format=CL)
+
+    def train():
+        block = torch.nn.Sequential(_fresh_block(), ConvBNReLU(36, 36, 3, padding=1)).train()
+        block.to(memory_format=CL)
+        opt = torch.optim.SGD(block.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            block(x.clone().requires_grad_()).square().mean().backward()
+            opt.step()
+        return [t.detach().clone() for t in [*block.parameters(), *block.buffers()]]
+
+    for a, b in zip(train(), train()):
+        assert torch.equal(a, b)
