@@ -102,12 +102,12 @@ TRAIN_LAYERS = [(64, 64, 64), (128, 64, 64), (64, 128, 32), (128, 128, 32), (256
 
 @pytest.mark.parametrize("case", [(4, ci, co, s) for ci, co, s in TRAIN_LAYERS], ids=_ids)
 def test_cpu_winograd_train_vs_onednn(benchmark, case):
-    """Training's convolutions of one layer (fused Conv-BN-ReLU, channels_last, float32): forward
-    and input gradient by Winograd F(4x4,3x3) with the weight transformed on every call (as each
-    step must) vs oneDNN, and the backward as the fused op runs it either way (oneDNN's input +
-    weight gradient in one call, or its weight gradient alone + the Winograd input gradient).
-    ``fwd_speedup``/``dgrad_speedup``/``bwd_speedup`` = oneDNN / Winograd; ``transform_ms``: one
-    weight transform (a call on a 1-pixel image); ``dispatched_*``: what the fused op picks."""
+    """Training's convolutions of one layer (fused Conv-BN-ReLU, channels_last, float32): forward,
+    input gradient and weight gradient by Winograd F(4x4,3x3), the weight transformed on every
+    call (as each step must), vs oneDNN, and the whole backward (oneDNN's input + weight gradient
+    in one call vs the two Winograd ones). ``*_speedup`` = oneDNN / Winograd; ``transform_ms``:
+    one weight transform and one pass over it (a call on a 1-pixel image); ``dispatched_*``: what
+    the fused op picks."""
     from fastunet.ops import cpu_winograd_conv as wconv
 
     n, ci, co, s = case
@@ -117,6 +117,7 @@ def test_cpu_winograd_train_vs_onednn(benchmark, case):
         memory_format=torch.channels_last)
     g = torch.randn(n, co, s, s).contiguous(memory_format=torch.channels_last)
     op = torch.ops.fastunet._winograd_conv3x3_train
+    wgrad = torch.ops.fastunet._winograd_conv3x3_grad_weight
     bwd = torch.ops.aten.convolution_backward
     args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     fns = {
@@ -124,8 +125,10 @@ def test_cpu_winograd_train_vs_onednn(benchmark, case):
         "fwd_wino": lambda: op(x, w, False),
         "dgrad_onednn": lambda: bwd(g, x, w, None, *args, [True, False, False]),
         "dgrad_wino": lambda: op(g, w, True),
+        "wgrad_onednn": lambda: bwd(g, x, w, None, *args, [False, True, False]),
+        "wgrad_wino": lambda: wgrad(x, g, w),
         "bwd_onednn": lambda: bwd(g, x, w, None, *args, [True, True, False]),
-        "bwd_wino": lambda: (bwd(g, x, w, None, *args, [False, True, False]), op(g, w, True)),
+        "bwd_wino": lambda: (op(g, w, True), wgrad(x, g, w)),
         "transform": lambda: op(x[:1, :, :1, :1], w, False),
     }
     for fn in fns.values():
@@ -133,14 +136,17 @@ def test_cpu_winograd_train_vs_onednn(benchmark, case):
     rounds = 8 if s <= 16 else 5
     t = interleaved_best(fns, rounds)
     benchmark.pedantic(fns["fwd_wino"], rounds=1, warmup_rounds=0)
-    fwd, dgrad = wconv.use_winograd(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    fwd, dgrad, wgrad_d = wconv.use_winograd(x, w, None, [1, 1], [1, 1], [1, 1], 1)
     info = dict(fwd_onednn_ms=t["fwd_onednn"] * 1e3, fwd_wino_ms=t["fwd_wino"] * 1e3,
                 fwd_speedup=t["fwd_onednn"] / t["fwd_wino"],
                 dgrad_onednn_ms=t["dgrad_onednn"] * 1e3, dgrad_wino_ms=t["dgrad_wino"] * 1e3,
                 dgrad_speedup=t["dgrad_onednn"] / t["dgrad_wino"],
+                wgrad_onednn_ms=t["wgrad_onednn"] * 1e3, wgrad_wino_ms=t["wgrad_wino"] * 1e3,
+                wgrad_speedup=t["wgrad_onednn"] / t["wgrad_wino"],
                 bwd_onednn_ms=t["bwd_onednn"] * 1e3, bwd_wino_ms=t["bwd_wino"] * 1e3,
                 bwd_speedup=t["bwd_onednn"] / t["bwd_wino"], transform_ms=t["transform"] * 1e3,
-                dispatched_fwd=fwd, dispatched_dgrad=dgrad, threads=torch.get_num_threads())
+                dispatched_fwd=fwd, dispatched_dgrad=dgrad, dispatched_wgrad=wgrad_d,
+                threads=torch.get_num_threads())
     benchmark.extra_info.update(info)
     print(f"\n[winograd train {_ids(case)}] " + ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))

@@ -50,6 +50,8 @@ TORCH_LIBRARY(fastunet, m) {
   // cpu_winograd_conv.py dispatches it).
   m.def("_winograd_conv3x3_train(Tensor input, Tensor weight, bool input_grad=False, "
         "int block=0) -> Tensor");
+  // Its weight gradient from the input and the output gradient (weight: shape and layout only).
+  m.def("_winograd_conv3x3_grad_weight(Tensor input, Tensor grad, Tensor weight) -> Tensor");
   m.def("conv_bias_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

@@ -35,4 +35,9 @@ bool winograd_has_fast_kernel();
 at::Tensor winograd_conv3x3_train(const at::Tensor& input, const at::Tensor& weight,
                                   bool input_grad, int64_t block = 0);
 
+// The weight gradient of conv3x3(input, weight, padding 1) from its output gradient, by
+// F(4x4,3x3), float32, in the memory format of `weight` (which supplies only the shape/strides).
+at::Tensor winograd_conv3x3_grad_weight(const at::Tensor& input, const at::Tensor& grad,
+                                        const at::Tensor& weight);
+
 }  // namespace fastunet

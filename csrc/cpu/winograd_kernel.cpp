@@ -115,6 +115,63 @@ void block_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float*
     }
   }
 }
+
+// C (M x N) = A^T @ B with A (K x M) and B (K x N) row-major: the weight gradient's products
+// dU[xi] = V[xi]^T M[xi], K = all tiles of the batch (so C stays in registers over the sum).
+template <int R>
+inline void gemm_tn_tile(const float* __restrict a, int64_t lda, const float* __restrict b,
+                         int64_t ldb, float* __restrict c, int64_t ldc, int64_t K,
+                         const __mmask16* mk) {
+  __m512 acc[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb;
+    const float* ak = a + k * lda;
+    const __m512 b0 = _mm512_maskz_loadu_ps(mk[0], bk);
+    const __m512 b1 = _mm512_maskz_loadu_ps(mk[1], bk + 16);
+    const __m512 b2 = _mm512_maskz_loadu_ps(mk[2], bk + 32);
+    const __m512 b3 = _mm512_maskz_loadu_ps(mk[3], bk + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(ak[r]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, mk[j], acc[r][j]);
+}
+
+// Columns [n0, n0 + 64) of C = A^T B (every row).
+void gemm_tn_panel(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                   int64_t ldc, int64_t M, int64_t N, int64_t K, int64_t n0) {
+  constexpr int R = 6;
+  __mmask16 mk[4];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, N - n0 - 16 * j));
+    mk[j] = __mmask16((1u << left) - 1u);
+  }
+  int64_t m0 = 0;
+  for (; m0 + R <= M; m0 += R)
+    gemm_tn_tile<R>(a + m0, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, K, mk);
+  const float* ar = a + m0;
+  float* cr = c + m0 * ldc + n0;
+  switch (M - m0) {
+    case 5: gemm_tn_tile<5>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 4: gemm_tn_tile<4>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 3: gemm_tn_tile<3>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 2: gemm_tn_tile<2>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 1: gemm_tn_tile<1>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    default: break;
+  }
+}
 }  // namespace wino_avx512
 }  // namespace fastunet
 #pragma GCC pop_options
@@ -367,6 +424,94 @@ bool env_enabled() {
 
 }  // namespace
 
+// Weight gradient of conv3x3(x, w, padding 1) from its output gradient gy by F(4x4,3x3): every
+// tile's V = B^T d B and M = A gy A^T over the whole batch first (parallel over tiles), then the
+// 36 products dU[xi] = V[xi]^T M[xi] with the sum over all tiles in registers (parallel over xi
+// and 64-column panels: no partial sums to reduce, so the result does not depend on the thread
+// count), then dW = G^T dU G in double. Returned with the strides of `like` (the weight).
+at::Tensor winograd_conv3x3_grad_weight(const at::Tensor& input, const at::Tensor& grad,
+                                        const at::Tensor& like) {
+  TORCH_CHECK(input.device().is_cpu() && input.dim() == 4 && input.scalar_type() == at::kFloat &&
+                  grad.dim() == 4 && grad.scalar_type() == at::kFloat &&
+                  grad.size(0) == input.size(0) && grad.size(2) == input.size(2) &&
+                  grad.size(3) == input.size(3),
+              "_winograd_conv3x3_grad_weight: input (N, Cin, H, W) and grad (N, Cout, H, W) must "
+              "be float32 CPU tensors of one batch and size, got ", input.sizes(), " and ",
+              grad.sizes());
+  TORCH_CHECK(like.dim() == 4 && like.size(0) == grad.size(1) && like.size(1) == input.size(1) &&
+                  like.size(2) == 3 && like.size(3) == 3,
+              "_winograd_conv3x3_grad_weight: weight must be (", grad.size(1), ", ",
+              input.size(1), ", 3, 3), got ", like.sizes());
+  const int64_t N = input.size(0), cin = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t cout = grad.size(1);
+  at::Tensor dw = at::empty_like(like, like.options().dtype(at::kFloat));
+  if (dw.numel() == 0) return dw;
+  if (input.numel() == 0) return dw.zero_();
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor gy = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  constexpr int A = 6, m = 4;
+  const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, T = N * th * tw;
+  thread_local at::Tensor workspace;  // V and M: tens of MB at 64x64, reused across steps
+  const int64_t need = A * A * T * (cin + cout) + A * A * cin * cout;
+  if (!workspace.defined() || workspace.numel() < need) workspace = at::empty({need}, x.options());
+  float* v = workspace.data_ptr<float>();
+  float* mt = v + A * A * T * cin;
+  float* du = mt + A * A * T * cout;
+  const float* xp = x.data_ptr<float>();
+  const float* gp = gy.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> zeros(std::max(cin, cout), 0.f);
+    const float* src[A * A];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
+      for (int i = 0; i < A; ++i)
+        for (int j = 0; j < A; ++j) {
+          const int64_t r = ty * m - 1 + i, c = tx * m - 1 + j;
+          src[i * A + j] = (r >= 0 && r < H && c >= 0 && c < W) ? xp + ((n * H + r) * W + c) * cin
+                                                                : zeros.data();
+        }
+      FASTUNET_WINO(winograd_input_tile<A>(src, v + t * cin, T * cin, cin));
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j) {
+          const int64_t r = ty * m + i, c = tx * m + j;
+          src[i * m + j] = (r < H && c < W) ? gp + ((n * H + r) * W + c) * cout : zeros.data();
+        }
+      FASTUNET_WINO(winograd_grad_output_tile(src, mt + t * cout, T * cout, cout));
+    }
+  });
+  if (wino_isa() == Isa::kAvx512) {
+#ifdef FASTUNET_WINO_X86
+    const int64_t panels = (cout + 63) / 64;
+    at::parallel_for(0, A * A * panels, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t xi = i / panels, n0 = (i % panels) * 64;
+        wino_avx512::gemm_tn_panel(v + xi * T * cin, cin, mt + xi * T * cout, cout,
+                                   du + xi * cin * cout, cout, cin, cout, T, n0);
+      }
+    });
+#endif
+  } else {
+    at::Tensor dut = at::from_blob(du, {A * A, cin, cout}, x.options());
+    at::bmm_out(dut, at::from_blob(v, {A * A, T, cin}, x.options()).transpose(1, 2),
+                at::from_blob(mt, {A * A, T, cout}, x.options()));
+  }
+  // dW[co][ci] from dU[xi][ci][co]: rows of ci, vectorised across co, then scattered to dw
+  const int64_t P = cin * cout;
+  float* dwp = dw.data_ptr<float>();
+  const int64_t s0 = dw.stride(0), s1 = dw.stride(1), s2 = dw.stride(2), s3 = dw.stride(3);
+  at::parallel_for(0, cin, std::max<int64_t>(1, (int64_t(1) << 14) / cout), [&](int64_t c0,
+                                                                                 int64_t c1) {
+    std::vector<float> taps(size_t(9) * cout);
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      FASTUNET_WINO(winograd_weight_grad_chunk(du + ci * cout, P, taps.data(), cout, cout));
+      for (int k = 0; k < 9; ++k)
+        for (int64_t co = 0; co < cout; ++co)
+          dwp[co * s0 + ci * s1 + (k / 3) * s2 + (k % 3) * s3] = taps[k * cout + co];
+    }
+  });
+  return dw;
+}
+
 bool winograd_has_fast_kernel() { return wino_isa() == Isa::kAvx512; }
 
 int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
@@ -446,6 +591,11 @@ at::Tensor winograd_conv3x3_op(const at::Tensor& input, const at::Tensor& weight
   return winograd_conv3x3(input, weight, bias, relu, tile, block);
 }
 
+at::Tensor winograd_conv3x3_grad_weight_op(const at::Tensor& input, const at::Tensor& grad,
+                                           const at::Tensor& weight) {
+  return winograd_conv3x3_grad_weight(input, grad, weight);
+}
+
 at::Tensor winograd_conv3x3_train_op(const at::Tensor& input, const at::Tensor& weight,
                                      bool input_grad, int64_t block) {
   return winograd_conv3x3_train(input, weight, input_grad, block);
@@ -457,6 +607,7 @@ at::Tensor winograd_conv3x3_train_op(const at::Tensor& input, const at::Tensor& 
 TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
   m.impl("_winograd_conv3x3", &fastunet::winograd_conv3x3_op);
   m.impl("_winograd_conv3x3_train", &fastunet::winograd_conv3x3_train_op);
+  m.impl("_winograd_conv3x3_grad_weight", &fastunet::winograd_conv3x3_grad_weight_op);
 }
 
 // oneDNN-packed weights (see conv_bias_relu) put the call under the MkldnnCPU key.
