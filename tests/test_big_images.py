@@ -65,7 +65,7 @@ def _child(size, mode, standin, probs, cap_mib):
     import torch
 
     import fastunet
-    from fastunet.inference import engine as eng
+    from fastunet.inference import geometry
     from fastunet.models import apply_overrides
 
     def status(key):
@@ -84,10 +84,10 @@ def _child(size, mode, standin, probs, cap_mib):
         "model.backbone.base_channels=2", "model.decode_head.in_channels=2",
         "model.decode_head.channels=2", "model.auxiliary_head.in_channels=4",
         "model.auxiliary_head.channels=2"])
-    geometry = (dict(crop_size=256, stride=256) if mode == "slide"
-                else dict(tile_size=512, margin=16))
+    windows = (dict(crop_size=256, stride=256) if mode == "slide"
+               else dict(tile_size=512, margin=16))
     predictor = fastunet.Predictor(cfg, None, device="cpu", mode=mode,
-                                   max_buffer_bytes=cap_mib * MiB, **geometry)
+                                   max_buffer_bytes=cap_mib * MiB, **windows)
     if standin:
         weight = torch.randn(2, 3, 1, 1)
         predictor.engine.fn = lambda x: torch.nn.functional.conv2d(x, weight)
@@ -109,7 +109,7 @@ def _child(size, mode, standin, probs, cap_mib):
     assert labels.shape == (size, size) and labels.dtype == np.uint8
     sched = predictor.engine.last_schedule
     plan = predictor.engine.plan(size, size)
-    per_row, overhang = eng._band_bytes(plan, 1, 3, 2)
+    per_row, overhang = geometry.band_bytes(plan, 1, 3, 2)
     print(json.dumps({"peak": peak, "activations": activations, "seconds": seconds,
                       "outputs": size * size * (5 if probs else 1), "input": rgb.nbytes,
                       "pixels": size * size, "cap": cap_mib * MiB,

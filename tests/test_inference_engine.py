@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from fastunet import ops
 from fastunet.inference import engine as eng
+from fastunet.inference import geometry
 from fastunet.inference import InferenceEngine, infer, reference_slide_inference
 from fastunet.ops import tile_reference as ref
 
@@ -190,8 +191,8 @@ def test_whole_reflect_pads_to_16_runs_once_and_crops():
     assert net.calls[-1] == (2, 3, 48, 64)
     close(got, net(F.pad(x, (0, 14, 0, 11), mode="reflect"))[..., :37, :50])
     tiny = torch.randn(1, 3, 5, 3)  # pads longer than the image mirror again and again
-    close(infer(net, tiny, "whole"), net(eng._pad(tiny, eng.TilePlan(
-        "whole", eng._whole_axis(5, 16), eng._whole_axis(3, 16), "reflect")))[..., :5, :3])
+    close(infer(net, tiny, "whole"), net(geometry.pad(tiny, geometry.TilePlan(
+        "whole", geometry.whole_axis(5, 16), geometry.whole_axis(3, 16), "reflect")))[..., :5, :3])
     uint8 = torch.randint(0, 256, (1, 3, 37, 50), dtype=torch.uint8)  # normalised in the engine
     mean, std = (120.0, 110.0, 100.0), (50.0, 55.0, 60.0)
     norm = (uint8.float() - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
@@ -336,9 +337,9 @@ def test_band_rows_equal_the_padded_image(mode, size):
     engine = InferenceEngine(TinyNet(), mode, 64, 42, tile_size=64, margin=20)
     plan = engine.plan(*size)
     x = torch.randn(2, 3, *size)
-    full = eng._pad(x, plan)
+    full = geometry.pad(x, plan)
     for p0, p1 in ((0, full.shape[2]), (1, 7), (full.shape[2] - 5, full.shape[2])):
-        assert torch.equal(eng._input_rows(x, plan, p0, p1, lambda t: t), full[:, :, p0:p1])
+        assert torch.equal(geometry.input_rows(x, plan, p0, p1, lambda t: t), full[:, :, p0:p1])
 
 
 @pytest.mark.parametrize("mode, kw", [("slide", {"gaussian": True}),

@@ -19,6 +19,20 @@ from fastunet import _native
 pytestmark = pytest.mark.skipif(not _native.LOADED, reason="needs the native extension")
 
 BOUND = {2: 1e-5, 4: 5e-5}
+
+
+def _avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512f" in flags and os.environ.get("FASTUNET_CPU_ISA", "") in ("", "avx512")
+
+
+# conv_bias_relu takes Winograd only with the AVX-512 matrix kernel (tests/test_cpu_isa.py
+# checks the other ISAs fall back to oneDNN)
+DISPATCHES = pytest.mark.skipif(not _avx512(), reason="Winograd is dispatched only with AVX-512")
 CL = torch.channels_last
 
 
@@ -65,6 +79,7 @@ def test_matches_conv2d(shape, tile, relu, with_bias):
     assert _rel_err(y, _reference(x, w, b, relu)) <= BOUND[tile]
 
 
+@DISPATCHES  # the AVX-512 matrix kernel's sums do not depend on the block; at::bmm_out's may
 @pytest.mark.parametrize("block", [1, 3, 7, 64])
 def test_block_size_does_not_change_the_result(block):
     x, w, b = _inputs(2, 32, 48, 9, 11)
@@ -98,9 +113,7 @@ def test_nonfinite_inputs_propagate():
 DISPATCHED = (2, 32, 48, 32, 32)  # 2 * 8 * 8 = 128 tiles of 4x4: Winograd per the rule
 
 
-@pytest.mark.skipif(not (os.path.exists("/proc/cpuinfo") and " avx512f" in open(
-    "/proc/cpuinfo").read() and os.environ.get("FASTUNET_CPU_ISA", "") in ("", "avx512")),
-    reason="Winograd is dispatched only with AVX-512 (tests/test_cpu_isa.py covers the rest)")
+@DISPATCHES
 def test_conv_bias_relu_dispatches_and_the_switch_turns_it_off(monkeypatch):
     x, w, b = _inputs(*DISPATCHED)
     ref = _reference(x, w, b, True)
@@ -113,14 +126,30 @@ def test_conv_bias_relu_dispatches_and_the_switch_turns_it_off(monkeypatch):
     assert _rel_err(off, ref) <= 1e-5 and _rel_err(on, ref) <= BOUND[4]
 
 
+@DISPATCHES
+@pytest.mark.parametrize("n, hw, tile", [(2, 32, 4), (2, 16, 4), (2, 8, 2), (8, 4, 2), (4, 16, 4),
+                                         (1, 8, 0), (2, 4, 0)])
+def test_small_maps_take_f2_then_onednn(n, hw, tile, monkeypatch):
+    """F(4x4) from 32 of its tiles, else F(2x2) from 32 of its tiles, else oneDNN (the rule in
+    winograd_tile_for, measured against packed-weight oneDNN)."""
+    x, w, b = _inputs(n, 64, 64, hw, hw)
+    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
+    got = _conv(x, w, b)
+    if tile:
+        assert torch.equal(got, _op(x, w, b, True, tile))
+    else:
+        monkeypatch.setenv("FASTUNET_WINOGRAD", "0")
+        assert torch.equal(got, _conv(x, w, b))
+
+
 @pytest.mark.parametrize("case", ["nchw", "3-channel", "few-tiles", "stride2", "1x1"])
 def test_conv_bias_relu_keeps_onednn_where_winograd_is_not_faster(case, monkeypatch):
     n, cin, cout, h, w_ = DISPATCHED
     stride, pad, k = 1, 1, 3
     if case == "3-channel":
         cin = 3
-    elif case == "few-tiles":
-        h = w_ = 8
+    elif case == "few-tiles":  # 2 x 2 x 2 = 8 tiles of 2x2: too few for either variant
+        h = w_ = 4
     elif case == "stride2":
         stride = 2
     elif case == "1x1":

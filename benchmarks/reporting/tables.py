@@ -182,7 +182,9 @@ def ratio_rows(run, kind):
         rows.append((f"Tile aggregation vs mmseg's pad-and-add, {case} "
                      f"({i['windows']} windows)", speed_ratio(i["speedup_vs_pad_and_add"]),
                      f"{num(i['op_ms'])} ms; {num(i['op_over_bound'])}x the bandwidth bound "
-                     f"({num(i['bound_ms'])} ms at {num(i['bandwidth_GBps'])} GB/s)",
+                     f"({num(i['bound_ms'])} ms at {num(i['bandwidth_GBps'])} GB/s)"
+                     + (f"; into a reused output {num(i['op_out_ms'])} ms, "
+                        f"{num(i['op_out_over_bound'])}x the bound" if "op_out_ms" in i else ""),
                      command(b)))
     return rows
 

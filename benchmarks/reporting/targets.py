@@ -102,10 +102,16 @@ def target_rows(devices):
                         i["cli_cpu_recipe_speedup"] >= TARGET_CPU_TRAIN_SPEEDUP)
         for i in infos_of(run, kind, "bench_tile.py", "test_tile_aggregate"):
             if i.get("windows") == 294:  # the HRF case the target names
+                # The bound's copy writes into a preallocated buffer; so does the op with out=
+                # (as the engine reuses its aggregate), where the run measured it.
+                reused = "op_out_over_bound" in i
+                over = i["op_out_over_bound" if reused else "op_over_bound"]
                 add(f"HRF aggregation >= {TARGET_AGG_SPEEDUP:g}x pad-and-add and within "
                     f"{TARGET_AGG_OVER_BOUND:g}x the bandwidth bound", name,
-                    f"{num(i['speedup_vs_pad_and_add'])}x, {num(i['op_over_bound'])}x the bound",
+                    f"{num(i['speedup_vs_pad_and_add'])}x, {num(over)}x the bound"
+                    + (f" into a reused output ({num(i['op_over_bound'])}x into a fresh one)"
+                       if reused else ""),
                     i["speedup_vs_pad_and_add"] >= TARGET_AGG_SPEEDUP
-                    and i["op_over_bound"] <= TARGET_AGG_OVER_BOUND)
+                    and over <= TARGET_AGG_OVER_BOUND)
     return rows
 

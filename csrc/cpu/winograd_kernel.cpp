@@ -8,12 +8,14 @@
 // side). Work items are blocks of consecutive tiles; per block, on one thread:
 //   1. input transform V = B^T d B of each tile into a block buffer laid out [alpha^2][tiles][Cin]
 //      (vectorised across channels, contiguous in NHWC);
-//   2. alpha^2 matrix products M[xi] = V[xi] (tiles x Cin) @ U[xi] (Cin x Cout), single-threaded
-//      BLAS (at::native::cpublas::gemm) inside the parallel region;
+//   2. alpha^2 matrix products M[xi] = V[xi] (tiles x Cin) @ U[xi] (Cin x Cout) by an AVX-512
+//      register-blocked kernel (wino_avx512::block_gemm; on other CPUs at::bmm_out, which is too
+//      slow to beat oneDNN, so winograd_tile_for sends those CPUs to oneDNN);
 //   3. output transform A^T M A + bias (+ ReLU) written straight into the NHWC output.
 // The buffers of a block are sized to stay in the core's L2 where the channel counts allow.
 // The weight transform U = G g G^T is computed in double once per weight tensor and cached
-// (keyed by the tensor's identity and version counter).
+// (keyed by the tensor's identity and version counter). All at::parallel_for loops need the
+// extension built with OpenMP (setup.py, CMakeLists.txt); without it they run on one thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/intrusive_ptr.h>
@@ -530,16 +532,19 @@ int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
     if (stride[d] != 1 || padding[d] != 1 || dilation[d] != 1) return 0;
   // NHWC only (the fused CPU model runs channels_last); NCHW inputs stay with oneDNN
   if (input.is_contiguous() || !input.is_contiguous(at::MemoryFormat::ChannelsLast)) return 0;
-  // Measured on 2 EPYC Zen4 cores against oneDNN's direct convolution (bench_winograd.py,
-  // UNet-S5-D16 layers): F(4x4,3x3) was 1.3-1.6x faster with 64-256 channels from 16x16 at
-  // batch 8 up (>= 128 tiles of 4x4) and about even to slower below that, where each thread
-  // streams the 4x larger transformed weight for few tiles (512 channels at 8x8, 1024 at 4x4,
-  // batch 8); F(2x2,3x3) was never faster (0.7-1.0x), so it is not dispatched. Few channels
-  // (the 3-channel first layer) leave the transforms nothing to amortise over.
+  // Measured on 2 EPYC Zen4 cores (2 threads) against oneDNN's direct convolution with its
+  // weight packed, as the fused model runs it (UNet-S5-D16 layers, 128-1024 channels, batch
+  // 1-16): F(4x4,3x3) was 1.4-2.5x faster from 32 of its 4x4 tiles up. Below that F(2x2,3x3)
+  // won from 32 of its 2x2 tiles (1.3-2.5x: 8x8 maps at batch 4, 4x4 maps at batch 8-16, 16x16
+  // at batch 1), and with fewer both lost (0.2-0.9x: each thread streams the transformed weight,
+  // 4x (F4) or 1.8x (F2) the direct one, for a handful of tiles). Few channels (the 3-channel
+  // first layer) leave the transforms nothing to amortise over.
   const int64_t cin = input.size(1), cout = weight.size(0);
-  const int64_t tiles = input.size(0) * ((input.size(2) + 3) / 4) * ((input.size(3) + 3) / 4);
-  if (cin < 32 || cout < 32 || tiles < 128) return 0;
-  return 4;
+  if (cin < 32 || cout < 32) return 0;
+  const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
+  if (n * ((h + 3) / 4) * ((w + 3) / 4) >= 32) return 4;
+  if (n * ((h + 1) / 2) * ((w + 1) / 2) >= 32) return 2;
+  return 0;
 }
 
 at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,

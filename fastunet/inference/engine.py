@@ -39,13 +39,14 @@ outputs + max(max_buffer_bytes, one window row's buffers) + one window batch's a
 """
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops, runtime
-from ..ops.tile_reference import window_count, window_starts
+from .geometry import (AxisPlan, TilePlan, band_bytes, coverage, input_rows, overlap_axis,
+                       pad, pair, slide_axis, whole_axis)
+from .outputs import finish, normalizer
 
 MODES = ("slide", "overlap-tile", "whole")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,197 +76,6 @@ CUDA_MAX_ACTIVATION_BYTES = 2 << 30
 MAX_CUDA_GRAPHS = 4
 
 
-def _pair(value, name):
-    if isinstance(value, int):
-        value = (value, value)
-    try:
-        a, b = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if a < 1 or b < 1:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return a, b
-
-
-def _ceil_to(value, divisor):
-    return -(-value // divisor) * divisor
-
-
-@dataclass(frozen=True)
-class AxisPlan:
-    """Geometry along one image axis (all in pixels)."""
-
-    size: int        # image extent
-    pad_before: int  # input padding (top / left)
-    pad_after: int   # input padding (bottom / right)
-    window: int      # model input window extent
-    stride: int      # step between windows
-    margin: int      # window outputs are cropped to [margin, margin + tile)
-    tile: int        # extent of each window's aggregated part
-    canvas: int      # aggregation extent; the image is canvas[:size]
-    count: int       # windows along the axis
-
-    def start(self, i):
-        """Start of window i in padded-input coordinates = of its tile in canvas coordinates."""
-        return min(i * self.stride, self.canvas - self.tile)
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Where the windows of one image size go (see ``InferenceEngine.plan``)."""
-
-    mode: str
-    y: AxisPlan
-    x: AxisPlan
-    pad_mode: str  # "constant" (0, the mean colour after normalisation) or "reflect"
-
-    @property
-    def windows_per_image(self):
-        return self.y.count * self.x.count
-
-
-def _slide_axis(size, crop, stride, divisor):
-    if size >= crop:
-        canvas, window = size, crop
-    else:  # mmseg clips the window to the image; pad it to what the model takes
-        canvas = _ceil_to(size, divisor)
-        window = canvas
-    return AxisPlan(size, 0, canvas - size, window, stride, 0, window, canvas,
-                    window_count(canvas, window, stride))
-
-
-def _whole_axis(size, divisor):
-    canvas = _ceil_to(size, divisor)
-    return AxisPlan(size, 0, canvas - size, canvas, canvas, 0, canvas, canvas, 1)
-
-
-def _overlap_axis(size, tile_size, margin, divisor):
-    if size + 2 * margin <= tile_size:  # one tile: just large enough, padded to the divisor
-        window = _ceil_to(size + 2 * margin, divisor)
-        tile = window - 2 * margin
-        return AxisPlan(size, margin, window - margin - size, window, tile, margin, tile, tile, 1)
-    tile = tile_size - 2 * margin
-    return AxisPlan(size, margin, margin, tile_size, tile, margin, tile, size,
-                    window_count(size, tile, tile))
-
-
-def _pad(x, plan):
-    top, bottom = plan.y.pad_before, plan.y.pad_after
-    left, right = plan.x.pad_before, plan.x.pad_after
-    if top == bottom == left == right == 0:
-        return x
-    if plan.pad_mode == "constant":
-        return F.pad(x, (left, right, top, bottom))
-    # Reflection needs the pad to be smaller than the extent: mirror repeatedly for small images.
-    while top or bottom or left or right:
-        h, w = x.shape[-2:]
-        if h == 1 or w == 1:
-            return F.pad(x, (left, right, top, bottom), mode="replicate")
-        t, b, l_, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
-        x = F.pad(x, (l_, r, t, b), mode="reflect")
-        top, bottom, left, right = top - t, bottom - b, left - l_, right - r
-    return x
-
-
-def _pad_index(axis, mode, replicate, p0, p1, device):
-    """Source positions of the padded positions [p0, p1) along one axis, as ``_pad`` fills
-    them: -1 for constant padding, mirrored (repeatedly, for pads longer than the image) for
-    reflect, clamped where ``_pad`` replicates (an image 1 pixel high or wide)."""
-    i = torch.arange(p0, p1, device=device) - axis.pad_before
-    n = axis.size
-    if mode == "constant":
-        return torch.where((i >= 0) & (i < n), i, torch.full_like(i, -1))
-    if replicate or n == 1:
-        return i.clamp(0, n - 1)
-    period = 2 * (n - 1)
-    i = i.remainder(period)  # non-negative (sign of the divisor)
-    return torch.where(i < n, i, period - i)
-
-
-def _input_rows(src, plan, p0, p1, prep):
-    """Rows [p0, p1) of the padded, normalised input, (N, C, p1 - p0, padded width): the same
-    values as ``_pad(prep(src), plan)[:, :, p0:p1]`` without materialising the whole image."""
-    y, x = plan.y, plan.x
-    if plan.pad_mode == "constant":
-        s0, s1 = max(p0 - y.pad_before, 0), min(p1 - y.pad_before, y.size)
-        band = prep(src[:, :, s0:max(s0, s1)])
-        top = max(y.pad_before - p0, 0)
-        bottom = (p1 - p0) - top - max(s1 - s0, 0)
-        if top or bottom or x.pad_before or x.pad_after:
-            band = F.pad(band, (x.pad_before, x.pad_after, top, bottom))
-        return band
-    replicate = y.size == 1 or x.size == 1
-    rows = _pad_index(y, "reflect", replicate, p0, p1, src.device)
-    band = src.index_select(2, rows)
-    if x.pad_before or x.pad_after:
-        cols = _pad_index(x, "reflect", replicate, 0, x.size + x.pad_before + x.pad_after,
-                          src.device)
-        band = band.index_select(3, cols)
-    return prep(band)
-
-
-def _band_bytes(plan, n, channels, classes):
-    """(bytes per window row, fixed bytes per band): an upper estimate of what one band of
-    ``_streamed`` holds at once: its input rows (raw index copy, normalised copy, padded copy),
-    its windows and their float32 logits, and the float32 sums of its rows (the band's own, the
-    ones carried from the band above, and the temporaries that turn them into outputs)."""
-    padded_w = plan.x.size + plan.x.pad_before + plan.x.pad_after
-    y = plan.y
-    per_row = n * (plan.x.count * (channels * y.window * plan.x.window
-                                   + classes * y.tile * plan.x.tile) * 4
-                   + y.stride * (12 * channels * padded_w + 12 * classes * plan.x.canvas))
-    overhang = n * (max(y.window - y.stride, 0) * 12 * channels * padded_w
-                    + max(y.tile - y.stride, 0) * 12 * classes * plan.x.canvas)
-    return per_row, overhang
-
-
-def _normalizer(normalize, channels, device):
-    """A function mapping raw pixels to normalised float32 ((x - mean) / std, as a copy), or the
-    identity when ``normalize`` is None (the images are normalised already)."""
-    if normalize is None:
-        return lambda t: t
-    try:
-        mean, std = normalize
-        mean = torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"normalize must be (mean, std) with one value per channel, got "
-                         f"{normalize!r}") from None
-    if mean.shape[1] not in (1, channels) or std.shape[1] not in (1, channels):
-        raise ValueError(f"normalize: mean and std need 1 or {channels} values, got "
-                         f"{mean.shape[1]} and {std.shape[1]}")
-    if not bool((std > 0).all()):
-        raise ValueError(f"normalize: std must be positive, got {std.flatten().tolist()}")
-    inv_std = 1.0 / std
-
-    def prep(t):
-        out = t.to(torch.float32, copy=True)  # a copy: the caller's image is never modified
-        return out.sub_(mean).mul_(inv_std)
-    return prep
-
-
-def _argmax_classes(avg):
-    """uint8 argmax over dim 1 (the first class on ties, as torch.argmax): one comparison per
-    class, several times faster than ``argmax(1)`` on the CPU, whose reduction over a strided
-    dimension is slow (0.15 s for 2 x 256 x 4000 values on 2 cores)."""
-    best = avg[:, 0]
-    labels = torch.zeros(best.shape, dtype=torch.uint8, device=avg.device)
-    for c in range(1, avg.shape[1]):
-        labels.masked_fill_(avg[:, c] > best, c)
-        best = torch.maximum(best, avg[:, c])
-    return labels
-
-
-def _finish(avg, kind, prob_class):
-    """Averaged logits (N, C, h, w) -> the requested output kind."""
-    if kind == "labels":
-        return _argmax_classes(avg)
-    if kind == "probs":
-        probs = avg.softmax(dim=1)
-        return probs if prob_class is None else probs[:, prob_class]
-    return avg
-
-
 def _available_bytes(device):
     """Memory that new allocations may take on this device now."""
     if device.type == "cuda":
@@ -291,27 +101,6 @@ def _deterministic_bytes(device):
         total = torch.cuda.get_device_properties(device).total_memory
         return total - torch.cuda.memory_allocated(device)
     return float("inf")
-
-
-def coverage(plan, weight, device):
-    """(canvas_h, canvas_w) float32 summed window weights (window counts when unweighted)."""
-    (th, tw), ys, xs = ((plan.y.tile, plan.x.tile),
-                        [plan.y.start(i) for i in range(plan.y.count)],
-                        [plan.x.start(j) for j in range(plan.x.count)])
-    if weight is None:
-        cy = torch.zeros(plan.y.canvas, device=device)
-        cx = torch.zeros(plan.x.canvas, device=device)
-        for s in ys:
-            cy[s:s + th] += 1
-        for s in xs:
-            cx[s:s + tw] += 1
-        return cy[:, None] * cx[None, :]
-    norm = torch.zeros(plan.y.canvas, plan.x.canvas, device=device)
-    weight = weight.to(device=device, dtype=torch.float32)
-    for y in ys:
-        for x in xs:
-            norm[y:y + th, x:x + tw] += weight
-    return norm
 
 
 class _GraphedCall:
@@ -396,8 +185,8 @@ class InferenceEngine:
             if crop_size is None or stride is None:
                 raise ValueError("mode='slide' needs crop_size and stride (e.g. the config's "
                                  "test_cfg: 64 and 42 for DRIVE)")
-            self.crop_size = _pair(crop_size, "crop_size")
-            self.stride = _pair(stride, "stride")
+            self.crop_size = pair(crop_size, "crop_size")
+            self.stride = pair(stride, "stride")
             if any(c % self.size_divisor for c in self.crop_size):
                 raise ValueError(f"crop_size {self.crop_size} must be a multiple of size_divisor "
                                  f"{self.size_divisor} (the model's input constraint)")
@@ -409,7 +198,8 @@ class InferenceEngine:
                                  f"{self.size_divisor} and larger than 2 * margin ({2 * margin})")
         self.tile_size, self.margin = int(tile_size), int(margin)
         if window_batch is not None and int(window_batch) < 1:
-            raise ValueError(f"window_batch must be >= 1 (or None for automatic), got {window_batch}")
+            raise ValueError(f"window_batch must be >= 1 (or None for automatic), "
+                             f"got {window_batch}")
         self.window_batch = None if window_batch is None else int(window_batch)
         self.precision = precision
         self.channels_last = bool(channels_last)
@@ -444,13 +234,13 @@ class InferenceEngine:
         """The TilePlan of an image of this size."""
         d = self.size_divisor
         if self.mode == "slide":
-            y = _slide_axis(height, self.crop_size[0], self.stride[0], d)
-            x = _slide_axis(width, self.crop_size[1], self.stride[1], d)
+            y = slide_axis(height, self.crop_size[0], self.stride[0], d)
+            x = slide_axis(width, self.crop_size[1], self.stride[1], d)
             return TilePlan("slide", y, x, "constant")
         if self.mode == "whole":
-            return TilePlan("whole", _whole_axis(height, d), _whole_axis(width, d), "reflect")
-        y = _overlap_axis(height, self.tile_size, self.margin, d)
-        x = _overlap_axis(width, self.tile_size, self.margin, d)
+            return TilePlan("whole", whole_axis(height, d), whole_axis(width, d), "reflect")
+        y = overlap_axis(height, self.tile_size, self.margin, d)
+        x = overlap_axis(width, self.tile_size, self.margin, d)
         return TilePlan("overlap-tile", y, x, "reflect")
 
     # ------------------------------------------------------------------ running fn
@@ -553,7 +343,7 @@ class InferenceEngine:
         cap = self.max_buffer_bytes
         if cap is None and device.type != "cuda":
             cap = CPU_MAX_BUFFER_BYTES
-        per_row, overhang = _band_bytes(plan, n, x.shape[1], classes)
+        per_row, overhang = band_bytes(plan, n, x.shape[1], classes)
         agg_bytes = n * classes * plan.y.canvas * plan.x.canvas * 4
         if out_bytes is None:
             out_bytes = agg_bytes
@@ -639,10 +429,10 @@ class InferenceEngine:
         n, c, height, width = images.shape
         if n == 0 or c == 0 or height == 0 or width == 0:
             raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
-        prep = _normalizer(normalize, c, images.device)
+        prep = normalizer(normalize, c, images.device)
         plan = self.plan(height, width)
         with torch.no_grad():
-            one = _input_rows(images[:1], plan, 0, plan.y.window, prep)
+            one = input_rows(images[:1], plan, 0, plan.y.window, prep)
             one = one[..., :plan.x.window].contiguous()
             classes, per_window, fixed = self._probe(one, plan)
             if prob_class is not None and not (isinstance(prob_class, int)
@@ -666,7 +456,7 @@ class InferenceEngine:
             window = (plan.y.window, plan.x.window)
             stride = (plan.y.stride, plan.x.stride)
             if rows >= plan.y.count:
-                x = _pad(prep(images), plan)
+                x = pad(prep(images), plan)
                 windows = ops.tile_extract(x, window, stride)
                 del x
                 logits = self._window_logits(windows, plan, classes, batch)
@@ -680,7 +470,7 @@ class InferenceEngine:
                 key, out = self._take_buffer(logits, n, plan, epilogue) if consumed else (0, None)
                 avg = ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas, stride,
                                          weight=weight, epilogue=epilogue, out=out)
-                results = [avg] if fused else [_finish(avg, kind, prob_class) for kind in outputs]
+                results = [avg] if fused else [finish(avg, kind, prob_class) for kind in outputs]
                 del avg, logits
                 results = [r.to(out_dev) for r in results]
                 results = [r[..., :height, :width].contiguous()
@@ -743,7 +533,7 @@ class InferenceEngine:
             i1 = min(i0 + rows, plan.y.count) - 1
             top, bottom = plan.y.start(i0), plan.y.start(i1)
             band_h = bottom - top + plan.y.tile
-            x = _input_rows(src, plan, top, bottom + plan.y.window, prep)
+            x = input_rows(src, plan, top, bottom + plan.y.window, prep)
             windows = ops.tile_extract(x, window, stride)
             del x
             logits = self._window_logits(windows, plan, classes, batch)
@@ -771,7 +561,7 @@ class InferenceEngine:
             if keep > 0:
                 avg = avg[:, :, :keep, :width]
                 for kind, res in zip(outputs, results):
-                    res[..., top:top + keep, :].copy_(_finish(avg, kind, prob_class))
+                    res[..., top:top + keep, :].copy_(finish(avg, kind, prob_class))
             del avg, norm
             carried = None if last else part[:, :, done:].clone()
             if weight is not None:
@@ -788,8 +578,8 @@ def infer(fn, images, mode="slide", crop_size=None, stride=None, output="logits"
 def reference_slide_inference(fn, images, crop_size, stride):
     """mmseg's ``slide_inference`` verbatim (SPEC §1): one window per forward, each padded to
     the full image and added. The faithful, slow baseline of the tests and benchmarks."""
-    h_crop, w_crop = _pair(crop_size, "crop_size")
-    h_stride, w_stride = _pair(stride, "stride")
+    h_crop, w_crop = pair(crop_size, "crop_size")
+    h_stride, w_stride = pair(stride, "stride")
     batch_size, _, h_img, w_img = images.size()
     h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
