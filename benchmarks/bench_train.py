@@ -10,8 +10,9 @@ round by round, so a busy machine slows all of them alike; they are in ``extra_i
 
 - ``test_cpu_iteration``: UNet-S5-D16 + FCN at full width, batch 4 x 64x64, fused
   Conv-BN-ReLU (the default) vs the eager unfused modules (``fused=False``, = FASTUNET_FUSED=0),
-  each in NCHW and channels_last, and the reference's convolutions alone (forward + backward):
-  the floor no fusion of the rest can go under;
+  each in NCHW and channels_last, the fused channels_last step with FASTUNET_WINOGRAD=0 (its
+  Winograd convolutions off: ``winograd_speedup``), and the reference's convolutions alone
+  (forward + backward): the floor no fusion of the rest can go under;
 - ``test_cpu_fused_auto``: fused vs plain modules as the CLI trains on CPU (channels_last), on
   the default synthetic config and the full-width FCN: the figures behind ``--fused auto``;
 - ``test_cpu_data_vs_model``: samples/s of mmseg's training pipeline (one process, DRIVE-size
@@ -106,12 +107,28 @@ def _conv_only(parts):
     return run
 
 
+def _without_winograd(run):
+    """run with FASTUNET_WINOGRAD=0 (read on every call), restored after."""
+    def wrapped():
+        old = os.environ.get("FASTUNET_WINOGRAD")
+        os.environ["FASTUNET_WINOGRAD"] = "0"
+        try:
+            run()
+        finally:
+            if old is None:
+                del os.environ["FASTUNET_WINOGRAD"]
+            else:
+                os.environ["FASTUNET_WINOGRAD"] = old
+    return wrapped
+
+
 def test_cpu_iteration(benchmark):
     cfg = "fcn_unet_s5-d16_64x64_40k_drive"
     parts = {f"{'fused' if f else 'unfused'}{'_cl' if cl else ''}":
              _setup(cfg, 4, 64, "cpu", fused=f, channels_last=cl)
              for f in (True, False) for cl in (False, True)}
     runs = {k: _runner(v) for k, v in parts.items()}
+    runs["fused_cl_no_winograd"] = _without_winograd(runs["fused_cl"])
     runs["conv_only"] = _conv_only(parts["unfused"])
     t = _interleaved(runs, rounds=5)
     benchmark.pedantic(runs["fused_cl"], rounds=3, warmup_rounds=1)
@@ -123,6 +140,10 @@ def test_cpu_iteration(benchmark):
         cli_cpu_recipe_speedup=t["unfused"] / t["fused_cl"],     # what --fused auto runs here
         # the reference's convolutions (oneDNN, NCHW) alone, forward and backward
         conv_share_of_reference=t["conv_only"] / t["unfused"],
+        # the fused channels_last step with and without its Winograd convolutions
+        cli_cpu_recipe_speedup_no_winograd=t["unfused"] / t["fused_cl_no_winograd"],
+        winograd_speedup=t["fused_cl_no_winograd"] / t["fused_cl"],
+        load_average=os.getloadavg(),
         threads=torch.get_num_threads())
 
 

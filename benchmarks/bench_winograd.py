@@ -91,3 +91,62 @@ def test_cpu_drive_engine_winograd_ab(benchmark, mode, monkeypatch):
                 max_rel_diff=(on - off).abs().max().item() / scale)
     benchmark.extra_info.update(info)
     print(f"\n[winograd engine {mode}] " + ", ".join(f"{k}={v:.4g}" for k, v in info.items()))
+
+
+# (in channels, out channels, size) of every 3x3 conv of the fcn model's training step whose
+# input gradient is needed (all but the 3-channel stem), at batch 4 x 64x64
+TRAIN_LAYERS = [(64, 64, 64), (128, 64, 64), (64, 128, 32), (128, 128, 32), (256, 128, 32),
+                (128, 256, 16), (256, 256, 16), (512, 256, 16), (256, 512, 8), (512, 512, 8),
+                (1024, 512, 8), (512, 1024, 4), (1024, 1024, 4)]
+
+
+@pytest.mark.parametrize("case", [(4, ci, co, s) for ci, co, s in TRAIN_LAYERS], ids=_ids)
+def test_cpu_winograd_train_vs_onednn(benchmark, case):
+    """Training's convolutions of one layer (fused Conv-BN-ReLU, channels_last, float32): forward,
+    input gradient and weight gradient by Winograd F(4x4,3x3), the weight transformed on every
+    call (as each step must), vs oneDNN, and the whole backward (oneDNN's input + weight gradient
+    in one call vs the two Winograd ones). ``*_speedup`` = oneDNN / Winograd; ``transform_ms``:
+    one weight transform and one pass over it (a call on a 1-pixel image); ``dispatched_*``: what
+    the fused op picks."""
+    from fastunet.ops import cpu_winograd_conv as wconv
+
+    n, ci, co, s = case
+    torch.manual_seed(0)
+    x = torch.randn(n, ci, s, s).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(co, ci, 3, 3) * (2 / (9 * ci)) ** 0.5).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn(n, co, s, s).contiguous(memory_format=torch.channels_last)
+    op = torch.ops.fastunet._winograd_conv3x3_train
+    wgrad = torch.ops.fastunet._winograd_conv3x3_grad_weight
+    bwd = torch.ops.aten.convolution_backward
+    args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    fns = {
+        "fwd_onednn": lambda: torch.nn.functional.conv2d(x, w, None, 1, 1),
+        "fwd_wino": lambda: op(x, w, False),
+        "dgrad_onednn": lambda: bwd(g, x, w, None, *args, [True, False, False]),
+        "dgrad_wino": lambda: op(g, w, True),
+        "wgrad_onednn": lambda: bwd(g, x, w, None, *args, [False, True, False]),
+        "wgrad_wino": lambda: wgrad(x, g, w),
+        "bwd_onednn": lambda: bwd(g, x, w, None, *args, [True, True, False]),
+        "bwd_wino": lambda: (op(g, w, True), wgrad(x, g, w)),
+        "transform": lambda: op(x[:1, :, :1, :1], w, False),
+    }
+    for fn in fns.values():
+        fn()
+    rounds = 8 if s <= 16 else 5
+    t = interleaved_best(fns, rounds)
+    benchmark.pedantic(fns["fwd_wino"], rounds=1, warmup_rounds=0)
+    fwd, dgrad, wgrad_d = wconv.use_winograd(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    info = dict(fwd_onednn_ms=t["fwd_onednn"] * 1e3, fwd_wino_ms=t["fwd_wino"] * 1e3,
+                fwd_speedup=t["fwd_onednn"] / t["fwd_wino"],
+                dgrad_onednn_ms=t["dgrad_onednn"] * 1e3, dgrad_wino_ms=t["dgrad_wino"] * 1e3,
+                dgrad_speedup=t["dgrad_onednn"] / t["dgrad_wino"],
+                wgrad_onednn_ms=t["wgrad_onednn"] * 1e3, wgrad_wino_ms=t["wgrad_wino"] * 1e3,
+                wgrad_speedup=t["wgrad_onednn"] / t["wgrad_wino"],
+                bwd_onednn_ms=t["bwd_onednn"] * 1e3, bwd_wino_ms=t["bwd_wino"] * 1e3,
+                bwd_speedup=t["bwd_onednn"] / t["bwd_wino"], transform_ms=t["transform"] * 1e3,
+                dispatched_fwd=fwd, dispatched_dgrad=dgrad, dispatched_wgrad=wgrad_d,
+                threads=torch.get_num_threads())
+    benchmark.extra_info.update(info)
+    print(f"\n[winograd train {_ids(case)}] " + ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))

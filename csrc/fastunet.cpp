@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/winograd.h"
+
 #ifndef FASTUNET_CUDA_ARCHS
 #define FASTUNET_CUDA_ARCHS ""
 #endif
@@ -43,6 +45,13 @@ TORCH_LIBRARY(fastunet, m) {
   // benchmarks: 3x3, stride 1, padding 1, float32; tile 2 or 4; block 0 = automatic.
   m.def("_winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, bool relu=True, "
         "int tile=2, int block=0) -> Tensor");
+  // Training's forward (input_grad false) and input gradient (true, input = grad_out) of a
+  // bias-free 3x3/s1/p1 conv by F(4x4,3x3), weight transformed per call (fastunet/ops/
+  // cpu_winograd_conv.py dispatches it).
+  m.def("_winograd_conv3x3_train(Tensor input, Tensor weight, bool input_grad=False, "
+        "int block=0) -> Tensor");
+  // Its weight gradient from the input and the output gradient (weight: shape and layout only).
+  m.def("_winograd_conv3x3_grad_weight(Tensor input, Tensor grad, Tensor weight) -> Tensor");
   m.def("conv_bias_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
@@ -95,4 +104,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastunet native kernels; the ops themselves live in torch.ops.fastunet";
   m.def("build_info", &build_info, "How this binary was built (CUDA kernels, archs, torch)");
+  m.def("winograd_fast_kernel", &fastunet::winograd_has_fast_kernel,
+        "Whether the CPU Winograd convolution runs its AVX-512 kernel here (else not dispatched)");
 }

@@ -117,6 +117,63 @@ void block_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float*
     }
   }
 }
+
+// C (M x N) = A^T @ B with A (K x M) and B (K x N) row-major: the weight gradient's products
+// dU[xi] = V[xi]^T M[xi], K = all tiles of the batch (so C stays in registers over the sum).
+template <int R>
+inline void gemm_tn_tile(const float* __restrict a, int64_t lda, const float* __restrict b,
+                         int64_t ldb, float* __restrict c, int64_t ldc, int64_t K,
+                         const __mmask16* mk) {
+  __m512 acc[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb;
+    const float* ak = a + k * lda;
+    const __m512 b0 = _mm512_maskz_loadu_ps(mk[0], bk);
+    const __m512 b1 = _mm512_maskz_loadu_ps(mk[1], bk + 16);
+    const __m512 b2 = _mm512_maskz_loadu_ps(mk[2], bk + 32);
+    const __m512 b3 = _mm512_maskz_loadu_ps(mk[3], bk + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(ak[r]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, mk[j], acc[r][j]);
+}
+
+// Columns [n0, n0 + 64) of C = A^T B (every row).
+void gemm_tn_panel(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                   int64_t ldc, int64_t M, int64_t N, int64_t K, int64_t n0) {
+  constexpr int R = 6;
+  __mmask16 mk[4];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, N - n0 - 16 * j));
+    mk[j] = __mmask16((1u << left) - 1u);
+  }
+  int64_t m0 = 0;
+  for (; m0 + R <= M; m0 += R)
+    gemm_tn_tile<R>(a + m0, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, K, mk);
+  const float* ar = a + m0;
+  float* cr = c + m0 * ldc + n0;
+  switch (M - m0) {
+    case 5: gemm_tn_tile<5>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 4: gemm_tn_tile<4>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 3: gemm_tn_tile<3>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 2: gemm_tn_tile<2>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 1: gemm_tn_tile<1>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    default: break;
+  }
+}
 }  // namespace wino_avx512
 }  // namespace fastunet
 #pragma GCC pop_options
@@ -148,40 +205,72 @@ Isa wino_isa() {
 // ---------------------------------------------------------------------------------------------
 // Weight transform and its cache
 
-// U[xi][ci][co] = (G g[co][ci] G^T)[xi], computed in double: (alpha^2, Cin, Cout) float.
-// One pass over the weight, parallel over input channels, writing float straight into U's
-// layout: as ATen ops (batched alpha x 3 matmuls, or one GEMM with kron(G, G) plus layout
-// copies) it took 70-290 ms for a 512x512 layer, which training (new weights every step) and
-// inference-mode weights (never cached) would pay on every call.
-at::Tensor transform_weight(const at::Tensor& weight, int64_t tile) {
-  const at::Tensor w =
-      (weight.is_mkldnn() ? weight.to_dense() : weight).to(at::kFloat).contiguous();
-  static const double g2[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
-  static const double g4[6][3] = {{1. / 4, 0, 0},           {-1. / 6, -1. / 6, -1. / 6},
-                                  {-1. / 6, 1. / 6, -1. / 6}, {1. / 24, 1. / 12, 1. / 6},
-                                  {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
-  const int alpha = static_cast<int>(tile) + 2;
-  const double(*g)[3] = tile == 2 ? g2 : g4;
-  const int64_t cout = w.size(0), cin = w.size(1), plane = cin * cout;
-  at::Tensor u = at::empty({alpha * alpha, cin, cout}, w.options());
+// U[xi][ci][co] = (G g[co][ci] G^T)[xi], computed in double: (alpha^2, Cin, Cout) float. With
+// transposed_flipped, the transform of the input gradient's filters instead, g'[ci][co] =
+// g[co][ci] rotated by 180 degrees: (alpha^2, Cout, Cin), without materialising g' (the rotation
+// is a reversed tap order). U is (alpha^2, K, N); per block of kRows rows of K, the taps are
+// gathered from the weight (any strides) into 9 planes of (kRows, N) in L2, then transformed
+// vectorised across N. One parallel region, none for small weights: in training this runs every
+// step, and on a shared 2-core machine each parallel region can wait a scheduler slice.
+//
+// workspace, when given, holds U (grown as needed, kept by the caller): a fresh allocation past
+// malloc's mmap threshold (32 MB: U of 512 x 512 channels is 37 MB) pays its page faults on every
+// call, measured at about 1 ms per MB on the 2-core VM.
+at::Tensor transform_weight(const at::Tensor& weight, int64_t tile, bool transposed_flipped,
+                            at::Tensor* workspace = nullptr) {
+  const at::Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
+  const int64_t alpha = tile + 2, cout = w.size(0), cin = w.size(1);
+  const int64_t K = transposed_flipped ? cout : cin, N = transposed_flipped ? cin : cout;
+  const int64_t P = K * N;
+  at::Tensor u;
+  if (workspace == nullptr) {
+    u = at::empty({alpha * alpha, K, N}, w.options().dtype(at::kFloat));
+  } else {
+    if (!workspace->defined() || workspace->numel() < alpha * alpha * P)
+      *workspace = at::empty({alpha * alpha * P}, w.options().dtype(at::kFloat));
+    u = workspace->narrow(0, 0, alpha * alpha * P).view({alpha * alpha, K, N});
+  }
+  if (P == 0) return u;
   const float* wp = w.data_ptr<float>();
+  // strides of the weight along K, along N and across the 9 taps (row-major 3x3)
+  const int64_t sk = w.stride(transposed_flipped ? 0 : 1), sn = w.stride(transposed_flipped ? 1 : 0);
+  int64_t tap_off[9];
+  for (int t = 0; t < 9; ++t) tap_off[t] = (t / 3) * w.stride(2) + (t % 3) * w.stride(3);
   float* up = u.data_ptr<float>();
-  // Blocks of 8 input channels: per output channel their 8 kernels are 72 contiguous floats,
-  // and the 8 x alpha^2 rows of U being written stay in L1 while co advances.
-  constexpr int64_t kCiBlock = 8;
-  at::parallel_for(0, (cin + kCiBlock - 1) / kCiBlock, 1, [&](int64_t b0, int64_t b1) {
-    double t[6][3];
-    for (int64_t co = 0; co < cout; ++co) {
-      for (int64_t ci = b0 * kCiBlock; ci < std::min(cin, b1 * kCiBlock); ++ci) {
-        const float* k = wp + (co * cin + ci) * 9;
-        for (int a = 0; a < alpha; ++a)  // t = G k
-          for (int j = 0; j < 3; ++j)
-            t[a][j] = g[a][0] * k[j] + g[a][1] * k[3 + j] + g[a][2] * k[6 + j];
-        float* dst = up + ci * cout + co;
-        for (int a = 0; a < alpha; ++a)  // (G k) G^T
-          for (int b = 0; b < alpha; ++b)
-            dst[(a * alpha + b) * plane] =
-                static_cast<float>(t[a][0] * g[b][0] + t[a][1] * g[b][1] + t[a][2] * g[b][2]);
+  // rows a block: where the weight is contiguous along K (the forward of a channels_last weight),
+  // each n reads runs of kRows values per tap, so longer runs use more of each cache line/page
+  const int64_t kRows = sk <= sn ? 64 : 16;
+  const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 15) / N);  // >= 32K filters a task
+  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+    std::vector<float> planes(size_t(9) * kRows * N);
+    for (int64_t kb = k0; kb < k1; kb += kRows) {
+      const int64_t rows = std::min(kRows, k1 - kb);
+      float* g = planes.data();
+      if (sk <= sn) {  // the weight is contiguous along K: a blocked transpose, 16 n at a time
+        for (int64_t n0 = 0; n0 < N; n0 += 16) {
+          const int64_t n1 = std::min(N, n0 + 16);
+          for (int t = 0; t < 9; ++t)
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t n = n0; n < n1; ++n)
+                g[(t * kRows + r) * N + n] = wp[(kb + r) * sk + n * sn + tap_off[t]];
+        }
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int t = 0; t < 9; ++t)
+            for (int64_t n = 0; n < N; ++n)
+              g[(t * kRows + r) * N + n] = wp[(kb + r) * sk + n * sn + tap_off[t]];
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* ur = up + (kb + r) * N;
+        const float* gr = g + r * N;
+        if (tile == 2 && transposed_flipped)
+          FASTUNET_WINO(winograd_weight_chunk<4, true>(gr, kRows * N, ur, P, N));
+        else if (tile == 2)
+          FASTUNET_WINO(winograd_weight_chunk<4, false>(gr, kRows * N, ur, P, N));
+        else if (transposed_flipped)
+          FASTUNET_WINO(winograd_weight_chunk<6, true>(gr, kRows * N, ur, P, N));
+        else
+          FASTUNET_WINO(winograd_weight_chunk<6, false>(gr, kRows * N, ur, P, N));
       }
     }
   });
@@ -199,7 +288,7 @@ struct CacheEntry {
 // address cannot be taken by a new tensor; dead weights' entries are dropped on every miss.
 // Inference tensors have no version counter: their transforms are not cached.
 at::Tensor cached_transform(const at::Tensor& weight, int64_t tile) {
-  if (weight.is_inference()) return transform_weight(weight, tile);
+  if (weight.is_inference()) return transform_weight(weight, tile, false);
   static std::mutex mutex;
   static std::vector<CacheEntry> cache;
   const uint32_t version = weight._version();
@@ -211,7 +300,7 @@ at::Tensor cached_transform(const at::Tensor& weight, int64_t tile) {
           !e.weight.expired())
         return e.u;
   }
-  at::Tensor u = transform_weight(weight, tile);
+  at::Tensor u = transform_weight(weight, tile, false);
   std::lock_guard<std::mutex> lock(mutex);
   cache.erase(std::remove_if(cache.begin(), cache.end(),
                              [&](const CacheEntry& e) {
@@ -309,12 +398,123 @@ void run_blocks(const float* x, const at::Tensor& ut, const float* bias, float* 
   });
 }
 
+// The convolution of NCHW-shaped input by the transformed weight u (alpha^2, Cin, Cout) into a
+// new channels_last tensor.
+at::Tensor run_conv(const at::Tensor& input, const at::Tensor& u, const float* bias, bool relu,
+                    int64_t tile, int64_t block) {
+  const int64_t N = input.size(0), cin = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t cout = u.size(2);
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor y =
+      at::empty({N, cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const int64_t tiles = N * ((H + tile - 1) / tile) * ((W + tile - 1) / tile);
+  if (block == 0) block = auto_block(cin, cout, tiles);
+  if (tile == 2)
+    run_blocks<4>(x.data_ptr<float>(), u, bias, y.data_ptr<float>(), N, H, W, cin, cout, relu,
+                  block);
+  else
+    run_blocks<6>(x.data_ptr<float>(), u, bias, y.data_ptr<float>(), N, H, W, cin, cout, relu,
+                  block);
+  return y;
+}
+
 bool env_enabled() {
   const char* v = std::getenv("FASTUNET_WINOGRAD");
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 }  // namespace
+
+// Weight gradient of conv3x3(x, w, padding 1) from its output gradient gy by F(4x4,3x3): every
+// tile's V = B^T d B and M = A gy A^T over the whole batch first (parallel over tiles), then the
+// 36 products dU[xi] = V[xi]^T M[xi] with the sum over all tiles in registers (parallel over xi
+// and 64-column panels: no partial sums to reduce, so the result does not depend on the thread
+// count), then dW = G^T dU G in double. Returned with the strides of `like` (the weight).
+at::Tensor winograd_conv3x3_grad_weight(const at::Tensor& input, const at::Tensor& grad,
+                                        const at::Tensor& like) {
+  TORCH_CHECK(input.device().is_cpu() && input.dim() == 4 && input.scalar_type() == at::kFloat &&
+                  grad.dim() == 4 && grad.scalar_type() == at::kFloat &&
+                  grad.size(0) == input.size(0) && grad.size(2) == input.size(2) &&
+                  grad.size(3) == input.size(3),
+              "_winograd_conv3x3_grad_weight: input (N, Cin, H, W) and grad (N, Cout, H, W) must "
+              "be float32 CPU tensors of one batch and size, got ", input.sizes(), " and ",
+              grad.sizes());
+  TORCH_CHECK(like.dim() == 4 && like.size(0) == grad.size(1) && like.size(1) == input.size(1) &&
+                  like.size(2) == 3 && like.size(3) == 3,
+              "_winograd_conv3x3_grad_weight: weight must be (", grad.size(1), ", ",
+              input.size(1), ", 3, 3), got ", like.sizes());
+  const int64_t N = input.size(0), cin = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t cout = grad.size(1);
+  at::Tensor dw = at::empty_like(like, like.options().dtype(at::kFloat));
+  if (dw.numel() == 0) return dw;
+  if (input.numel() == 0) return dw.zero_();
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor gy = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  constexpr int A = 6, m = 4;
+  const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, T = N * th * tw;
+  thread_local at::Tensor workspace;  // V and M: tens of MB at 64x64, reused across steps
+  const int64_t need = A * A * T * (cin + cout) + A * A * cin * cout;
+  if (!workspace.defined() || workspace.numel() < need) workspace = at::empty({need}, x.options());
+  float* v = workspace.data_ptr<float>();
+  float* mt = v + A * A * T * cin;
+  float* du = mt + A * A * T * cout;
+  const float* xp = x.data_ptr<float>();
+  const float* gp = gy.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> zeros(std::max(cin, cout), 0.f);
+    const float* src[A * A];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (th * tw), ty = (t / tw) % th, tx = t % tw;
+      for (int i = 0; i < A; ++i)
+        for (int j = 0; j < A; ++j) {
+          const int64_t r = ty * m - 1 + i, c = tx * m - 1 + j;
+          src[i * A + j] = (r >= 0 && r < H && c >= 0 && c < W) ? xp + ((n * H + r) * W + c) * cin
+                                                                : zeros.data();
+        }
+      FASTUNET_WINO(winograd_input_tile<A>(src, v + t * cin, T * cin, cin));
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j) {
+          const int64_t r = ty * m + i, c = tx * m + j;
+          src[i * m + j] = (r < H && c < W) ? gp + ((n * H + r) * W + c) * cout : zeros.data();
+        }
+      FASTUNET_WINO(winograd_grad_output_tile(src, mt + t * cout, T * cout, cout));
+    }
+  });
+  if (wino_isa() == Isa::kAvx512) {
+#ifdef FASTUNET_WINO_X86
+    const int64_t panels = (cout + 63) / 64;
+    at::parallel_for(0, A * A * panels, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t xi = i / panels, n0 = (i % panels) * 64;
+        wino_avx512::gemm_tn_panel(v + xi * T * cin, cin, mt + xi * T * cout, cout,
+                                   du + xi * cin * cout, cout, cin, cout, T, n0);
+      }
+    });
+#endif
+  } else {
+    at::Tensor dut = at::from_blob(du, {A * A, cin, cout}, x.options());
+    at::bmm_out(dut, at::from_blob(v, {A * A, T, cin}, x.options()).transpose(1, 2),
+                at::from_blob(mt, {A * A, T, cout}, x.options()));
+  }
+  // dW[co][ci] from dU[xi][ci][co]: rows of ci, vectorised across co, then scattered to dw
+  const int64_t P = cin * cout;
+  float* dwp = dw.data_ptr<float>();
+  const int64_t s0 = dw.stride(0), s1 = dw.stride(1), s2 = dw.stride(2), s3 = dw.stride(3);
+  at::parallel_for(0, cin, std::max<int64_t>(1, (int64_t(1) << 14) / cout), [&](int64_t c0,
+                                                                                 int64_t c1) {
+    std::vector<float> taps(size_t(9) * cout);
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      FASTUNET_WINO(winograd_weight_grad_chunk(du + ci * cout, P, taps.data(), cout, cout));
+      for (int k = 0; k < 9; ++k)
+        for (int64_t co = 0; co < cout; ++co)
+          dwp[co * s0 + ci * s1 + (k / 3) * s2 + (k % 3) * s3] = taps[k * cout + co];
+    }
+  });
+  return dw;
+}
+
+bool winograd_has_fast_kernel() { return wino_isa() == Isa::kAvx512; }
 
 int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding,
@@ -364,24 +564,28 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
               "winograd_conv3x3: bias must be float32 (", weight.size(0), ",)");
   TORCH_CHECK(input.size(1) > 0, "winograd_conv3x3: input has no channels");
   TORCH_CHECK(block >= 0, "winograd_conv3x3: block must be >= 0, got ", block);
-  const int64_t N = input.size(0), cin = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t cout = weight.size(0);
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor y =
-      at::empty({N, cout, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
-  const at::Tensor u = cached_transform(weight, tile);
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t tiles = N * ((H + tile - 1) / tile) * ((W + tile - 1) / tile);
-  if (block == 0) block = auto_block(cin, cout, tiles);
-  const float* bp = has_bias ? b.data_ptr<float>() : nullptr;
-  if (tile == 2)
-    run_blocks<4>(x.data_ptr<float>(), u, bp, y.data_ptr<float>(), N, H, W,
-                  cin, cout, relu, block);
-  else
-    run_blocks<6>(x.data_ptr<float>(), u, bp, y.data_ptr<float>(), N, H, W,
-                  cin, cout, relu, block);
-  return y;
+  return run_conv(input, cached_transform(weight, tile), has_bias ? b.data_ptr<float>() : nullptr,
+                  relu, tile, block);
+}
+
+at::Tensor winograd_conv3x3_train(const at::Tensor& input, const at::Tensor& weight,
+                                  bool input_grad, int64_t block) {
+  TORCH_CHECK(input.device().is_cpu() && input.dim() == 4 && input.scalar_type() == at::kFloat,
+              "_winograd_conv3x3_train: input must be a 4-D float32 CPU tensor, got ",
+              input.scalar_type(), " of shape ", input.sizes());
+  const int64_t in_dim = input_grad ? 0 : 1;  // the weight's dimension the input's channels are
+  TORCH_CHECK(weight.device().is_cpu() && !weight.is_mkldnn() && weight.dim() == 4 &&
+                  weight.size(2) == 3 && weight.size(3) == 3 &&
+                  weight.size(in_dim) == input.size(1) && weight.scalar_type() == at::kFloat,
+              "_winograd_conv3x3_train: weight must be a dense float32 CPU tensor of shape ",
+              input_grad ? "(" : "(Cout, ", input.size(1), input_grad ? ", Cin, 3, 3)" : ", 3, 3)",
+              ", got ", weight.scalar_type(), " of shape ", weight.sizes());
+  TORCH_CHECK(input.size(1) > 0, "_winograd_conv3x3_train: input has no channels");
+  TORCH_CHECK(block >= 0, "_winograd_conv3x3_train: block must be >= 0, got ", block);
+  thread_local at::Tensor workspace;  // U lives only during the call; one call at a time a thread
+  return run_conv(input, transform_weight(weight, 4, input_grad, &workspace), nullptr, false, 4,
+                  block);
 }
 
 namespace {
@@ -392,11 +596,23 @@ at::Tensor winograd_conv3x3_op(const at::Tensor& input, const at::Tensor& weight
   return winograd_conv3x3(input, weight, bias, relu, tile, block);
 }
 
+at::Tensor winograd_conv3x3_grad_weight_op(const at::Tensor& input, const at::Tensor& grad,
+                                           const at::Tensor& weight) {
+  return winograd_conv3x3_grad_weight(input, grad, weight);
+}
+
+at::Tensor winograd_conv3x3_train_op(const at::Tensor& input, const at::Tensor& weight,
+                                     bool input_grad, int64_t block) {
+  return winograd_conv3x3_train(input, weight, input_grad, block);
+}
+
 }  // namespace
 }  // namespace fastunet
 
 TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
   m.impl("_winograd_conv3x3", &fastunet::winograd_conv3x3_op);
+  m.impl("_winograd_conv3x3_train", &fastunet::winograd_conv3x3_train_op);
+  m.impl("_winograd_conv3x3_grad_weight", &fastunet::winograd_conv3x3_grad_weight_op);
 }
 
 // oneDNN-packed weights (see conv_bias_relu) put the call under the MkldnnCPU key.

@@ -101,3 +101,106 @@ void winograd_output_tile(const float* __restrict mtx, int64_t xs, const float* 
     }
   }
 }
+
+// Weight transform U = G g G^T of P filters at once, in double: g[k * gs + e] is tap k (row-major
+// 3x3; with kFlip, tap 8 - k: the filter rotated by 180 degrees) of filter e, u[xi * us + e] gets
+// (G g G^T)[xi] as float. Vectorised across filters (the loop over e, contiguous per tap). G rows:
+// F(2x2) (points 0, +-1, inf) and F(4x4) (Lavin & Gray: 0, +-1, +-2, inf).
+template <int A>
+inline void winograd_g(const double* x, int sx, double* y, int sy);
+
+template <>
+inline void winograd_g<4>(const double* x, int sx, double* y, int sy) {
+  const double x0 = x[0], x1 = x[sx], x2 = x[2 * sx];
+  y[0] = x0;
+  y[sy] = .5 * (x0 + x1 + x2);
+  y[2 * sy] = .5 * (x0 - x1 + x2);
+  y[3 * sy] = x2;
+}
+
+template <>
+inline void winograd_g<6>(const double* x, int sx, double* y, int sy) {
+  const double x0 = x[0], x1 = x[sx], x2 = x[2 * sx];
+  const double s = x0 + x2, h = x0 * (1. / 24) + x2 * (1. / 6), q = x1 * (1. / 12);
+  y[0] = x0 * .25;
+  y[sy] = (s + x1) * (-1. / 6);
+  y[2 * sy] = (s - x1) * (-1. / 6);
+  y[3 * sy] = h + q;
+  y[4 * sy] = h - q;
+  y[5 * sy] = x2;
+}
+
+template <int A, bool kFlip>
+void winograd_weight_chunk(const float* __restrict g, int64_t gs, float* __restrict u,
+                           int64_t us, int64_t P) {
+#pragma GCC ivdep
+  for (int64_t e = 0; e < P; ++e) {
+    double d[9], t[A * 3], r[A * A];
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) d[k] = double(g[(kFlip ? 8 - k : k) * gs + e]);
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j) winograd_g<A>(d + j, 3, t + j, 3);  // G g: A x 3
+#pragma GCC unroll 6
+    for (int i = 0; i < A; ++i) winograd_g<A>(t + i * 3, 1, r + i * A, 1);  // (G g) G^T
+#pragma GCC unroll 36
+    for (int k = 0; k < A * A; ++k) u[k * us + e] = float(r[k]);
+  }
+}
+
+// Weight gradient (F(4x4,3x3) only): dL/dU = sum over tiles of (A dy A^T) (x) V, dL/dg = G^T
+// (dL/dU) G. winograd_grad_output_tile: v[xi * xs + c] = (A dy A^T)[xi] of the 4x4 output
+// gradient pixels src[0..16) (row-major; zeros past the image). A is A^T's transpose (6 x 4).
+inline void winograd_a6(const float* x, int sx, float* y, int sy) {
+  const float x0 = x[0], x1 = x[sx], x2 = x[2 * sx], x3 = x[3 * sx];
+  const float p02 = x0 + x2, p13 = x1 + x3, q02 = x0 + 4.f * x2, q13 = 2.f * x1 + 8.f * x3;
+  y[0] = x0;
+  y[sy] = p02 + p13;
+  y[2 * sy] = p02 - p13;
+  y[3 * sy] = q02 + q13;
+  y[4 * sy] = q02 - q13;
+  y[5 * sy] = x3;
+}
+
+inline void winograd_grad_output_tile(const float* const* src_ptrs, float* __restrict v,
+                                      int64_t xs, int64_t C) {
+  const float* src[16];
+  for (int k = 0; k < 16; ++k) src[k] = src_ptrs[k];
+#pragma GCC ivdep
+  for (int64_t c = 0; c < C; ++c) {
+    float d[16], t[24], r[36];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k) d[k] = src[k][c];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) winograd_a6(d + j, 4, t + j, 4);  // A dy: 6 x 4
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) winograd_a6(t + i * 4, 1, r + i * 6, 1);  // (A dy) A^T
+#pragma GCC unroll 36
+    for (int k = 0; k < 36; ++k) v[k * xs + c] = r[k];
+  }
+}
+
+// dg[k * gs + e] (tap k, row-major 3x3) = (G^T du G) of filter e from du[xi * us + e], in double.
+inline void winograd_gt6(const double* x, int sx, double* y, int sy) {
+  const double x0 = x[0], x1 = x[sx], x2 = x[2 * sx], x3 = x[3 * sx], x4 = x[4 * sx],
+               x5 = x[5 * sx];
+  const double p12 = x1 + x2, m12 = x1 - x2, p34 = x3 + x4, m34 = x3 - x4;
+  y[0] = x0 * .25 - p12 * (1. / 6) + p34 * (1. / 24);
+  y[sy] = -m12 * (1. / 6) + m34 * (1. / 12);
+  y[2 * sy] = (p34 - p12) * (1. / 6) + x5;
+}
+
+inline void winograd_weight_grad_chunk(const float* __restrict du, int64_t us,
+                                       float* __restrict dg, int64_t gs, int64_t P) {
+#pragma GCC ivdep
+  for (int64_t e = 0; e < P; ++e) {
+    double s[36], t[18], r[9];
+#pragma GCC unroll 36
+    for (int k = 0; k < 36; ++k) s[k] = double(du[k * us + e]);
+#pragma GCC unroll 6
+    for (int j = 0; j < 6; ++j) winograd_gt6(s + j, 6, t + j, 6);  // G^T du: 3 x 6
+#pragma GCC unroll 3
+    for (int i = 0; i < 3; ++i) winograd_gt6(t + i * 6, 1, r + i * 3, 1);  // (G^T du) G
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) dg[k * gs + e] = float(r[k]);
+  }
+}

@@ -5,7 +5,8 @@ Inference: ``fold_bn`` folds an eval-mode BatchNorm into the conv weight and bia
 conv-bias-activation on CUDA).
 
 Training: ``conv_bn_relu_train`` runs the convolution (ATen/cuDNN; on CPU, small wide layers as
-GEMMs, see ``cpu_gemm_conv``), the per-channel batch statistics, normalise+affine+ReLU and the
+GEMMs, see ``cpu_gemm_conv``, and larger maps' forward, input and weight gradient by Winograd,
+see ``cpu_winograd_conv``), the per-channel batch statistics, normalise+affine+ReLU and the
 fused backward. It saves only the conv output and the
 statistics: the backward recomputes the normalised values and the ReLU mask, and the block's
 input is rebuilt from the previous block's saved conv output when it has a recipe
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from .. import _native
 from . import conv_bn_relu_reference as ref
 from . import cpu_gemm_conv as gemm_conv
+from . import cpu_winograd_conv as winograd_conv
 from . import recompute
 from .conv_bn_relu_reference import fold_bn  # noqa: F401  (public: fastunet.ops.fold_bn)
 
@@ -221,15 +223,19 @@ class _ConvBNReLUTrain(torch.autograd.Function):
         dt = cfg.dtype
         cb = None if conv_bias is None else conv_bias.to(dt)
         xc, wc = x.to(dt), conv_weight.to(dt)
-        gemm = gemm_conv.use_gemm(xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
+        conv_args = (xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
+        gemm = gemm_conv.use_gemm(*conv_args)
+        wino = (False,) * 3 if gemm[0] else winograd_conv.use_winograd(*conv_args)
         if gemm[0]:
             c = gemm_conv.conv2d(xc, wc)
+        elif wino[0]:
+            c = winograd_conv.conv2d(xc, wc)
         else:
             c = F.conv2d(xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
         mean, var, count = _batch_stats(c, cfg.group)
         y = bn_relu(c, mean, var, bn_weight, bn_bias, cfg.eps, cfg.relu)
         ctx.cfg, ctx.count, ctx.x_recipe, ctx.x_dtype = cfg, count, x_recipe, x.dtype
-        ctx.gemm = gemm
+        ctx.gemm, ctx.wino_grads = gemm, wino[1:]
         ctx.save_for_backward(c, mean, var, conv_weight, bn_weight, bn_bias,
                               x if x_recipe is None else None)
         if cfg.register:
@@ -250,15 +256,21 @@ class _ConvBNReLUTrain(torch.autograd.Function):
                 x = ctx.x_recipe.materialize()
             xc, wc = x.to(cfg.dtype), weight.to(cfg.dtype)
             gemm_in, gemm_w = ctx.gemm
-            mask = [need[0] and not gemm_in, need[1] and not gemm_w, need[2]]
+            wino_in, wino_w = ctx.wino_grads
+            mask = [need[0] and not (gemm_in or wino_in), need[1] and not (gemm_w or wino_w),
+                    need[2]]
             if any(mask):
                 gx, gw, gcb = torch.ops.aten.convolution_backward(
                     gc, xc, wc, [weight.shape[0]] if need[2] else None, cfg.stride, cfg.padding,
                     cfg.dilation, False, [0, 0], cfg.groups, mask)
             if need[0] and gemm_in:
                 gx = gemm_conv.grad_input(gc, wc, xc.shape)
+            elif need[0] and wino_in:
+                gx = winograd_conv.grad_input(gc, wc)
             if need[1] and gemm_w:
                 gw = gemm_conv.grad_weight(gc, xc, wc.shape[2])
+            elif need[1] and wino_w:
+                gw = winograd_conv.grad_weight(gc, xc, wc)
         return (gx.to(ctx.x_dtype) if need[0] else None, _cast_like(gw, weight) if need[1] else None,
                 gcb if need[2] else None, _cast_like(gbw, bn_weight) if need[3] else None,
                 _cast_like(gbb, bn_bias) if need[4] else None, None, None)
@@ -325,6 +337,21 @@ if _native.LOADED:
                      lambda: "input must be 4-D and weight (Cout, Cin, 3, 3)")
         n, _, h, w = input.shape
         return _empty((n, weight.shape[0], h, w), input, torch.channels_last)
+
+    @torch.library.register_fake("fastunet::_winograd_conv3x3_train")
+    def _winograd_conv3x3_train_fake(input, weight, input_grad=False, block=0):
+        torch._check(input.dim() == 4 and weight.dim() == 4
+                     and weight.shape[0 if input_grad else 1] == input.shape[1],
+                     lambda: "input must be 4-D and match the weight's channels")
+        n, _, h, w = input.shape
+        return _empty((n, weight.shape[1 if input_grad else 0], h, w), input, torch.channels_last)
+
+    @torch.library.register_fake("fastunet::_winograd_conv3x3_grad_weight")
+    def _winograd_conv3x3_grad_weight_fake(input, grad, weight):
+        torch._check(input.dim() == 4 and grad.dim() == 4 and weight.dim() == 4,
+                     lambda: "input, grad and weight must be 4-D")
+        return torch.empty_strided(weight.shape, weight.stride(), dtype=torch.float32,
+                                   device=weight.device)
 
     @torch.library.register_fake("fastunet::conv_bias_relu_backward")
     def _conv_bias_relu_backward_fake(grad_out, output, input, weight, stride, padding, dilation,
