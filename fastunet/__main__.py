@@ -18,6 +18,12 @@ def describe():
                      + (f" (archs {info.get('cuda_archs')})" if info.get("cuda") else ""))
         lines.append(f"  built against torch {info.get('torch_version')} with {info.get('compiler')}"
                      + ("; debug build" if info.get("debug") else ""))
+        from fastunet.ops import cpu_winograd_conv
+        fast = _native._C.winograd_fast_kernel()
+        lines.append("  CPU 3x3 convolutions: "
+                     + ("Winograd where faster (AVX-512)" if fast and cpu_winograd_conv.enabled()
+                        else "oneDNN (Winograd off: FASTUNET_WINOGRAD=0)" if fast
+                        else "oneDNN (Winograd needs AVX-512; FASTUNET_CPU_ISA may cap it)"))
     else:
         lines.append(f"native extension: NOT loaded ({_native.LOAD_ERROR}); "
                      "using pure-PyTorch reference ops")

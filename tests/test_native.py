@@ -28,6 +28,11 @@ def test_python_m_fastunet_describes_build():
     assert f"fastunet {fastunet.__version__}" in out
     assert "torch.ops.fastunet.tile_aggregate" in out
     assert "CUDA kernels:" in out
+    if _native.LOADED:  # which CPU convolution runs, and the switch that turns Winograd off
+        off = subprocess.run([sys.executable, "-m", "fastunet"], capture_output=True, text=True,
+                             check=True, env=dict(os.environ, FASTUNET_WINOGRAD="0")).stdout
+        assert "CPU 3x3 convolutions: oneDNN" in off
+        assert "CPU 3x3 convolutions:" in out
 
 
 def test_fallback_warns_once_and_matches_native():
