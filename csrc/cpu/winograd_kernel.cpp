@@ -58,12 +58,14 @@ namespace fastunet {
 namespace wino_avx512 {
 #include "cpu/winograd_transforms.h"
 
-// C (M x N) = A (M x K) @ B (K x N), row-major, for the block GEMMs: register tiles of R rows x
-// 64 columns (24 accumulators at R = 6), B rows loaded as 4 vectors (masked at the right edge),
-// A values broadcast. Each 64-column panel of B (K x 64) is reused by all row groups of A from
-// L1/L2; oneDNN/MKL calls cost more than these small products (measured: at::bmm on a block ran
-// at about half of this kernel's rate).
-template <int R>
+// C (M x N) = op(A) @ B, row-major, for the block GEMMs: register tiles of R rows x 64 columns
+// (24 accumulators at R = 6), B rows loaded as 4 vectors (masked at the right edge), A values
+// broadcast. op(A) is A (M x K) for the forward products, or A^T with A (K x M) for the weight
+// gradient's dU[xi] = V[xi]^T M[xi] (K = all tiles of the batch, so C stays in registers over
+// the sum). Each 64-column panel of B (K x 64) is reused by all row groups of A from L1/L2;
+// oneDNN/MKL calls cost more than these small products (measured: at::bmm on a block ran at
+// about half of this kernel's rate).
+template <int R, bool kTransA>
 inline void gemm_tile(const float* __restrict a, int64_t lda, const float* __restrict b,
                       int64_t ldb, float* __restrict c, int64_t ldc, int64_t K,
                       const __mmask16* mk) {
@@ -80,7 +82,7 @@ inline void gemm_tile(const float* __restrict a, int64_t lda, const float* __res
     const __m512 b3 = _mm512_maskz_loadu_ps(mk[3], bk + 48);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 av = _mm512_set1_ps(kTransA ? a[k * lda + r] : a[r * lda + k]);
       acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
@@ -93,86 +95,42 @@ inline void gemm_tile(const float* __restrict a, int64_t lda, const float* __res
     for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, mk[j], acc[r][j]);
 }
 
-void block_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                int64_t M, int64_t N, int64_t K) {
-  constexpr int R = 6;
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    __mmask16 mk[4];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, N - n0 - 16 * j));
-      mk[j] = __mmask16((1u << left) - 1u);
-    }
-    int64_t m0 = 0;
-    for (; m0 + R <= M; m0 += R)
-      gemm_tile<R>(a + m0 * lda, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, K, mk);
-    const float* ar = a + m0 * lda;
-    float* cr = c + m0 * ldc + n0;
-    switch (M - m0) {
-      case 5: gemm_tile<5>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-      case 4: gemm_tile<4>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-      case 3: gemm_tile<3>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-      case 2: gemm_tile<2>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-      case 1: gemm_tile<1>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-      default: break;
-    }
-  }
-}
-
-// C (M x N) = A^T @ B with A (K x M) and B (K x N) row-major: the weight gradient's products
-// dU[xi] = V[xi]^T M[xi], K = all tiles of the batch (so C stays in registers over the sum).
-template <int R>
-inline void gemm_tn_tile(const float* __restrict a, int64_t lda, const float* __restrict b,
-                         int64_t ldb, float* __restrict c, int64_t ldc, int64_t K,
-                         const __mmask16* mk) {
-  __m512 acc[R][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const float* bk = b + k * ldb;
-    const float* ak = a + k * lda;
-    const __m512 b0 = _mm512_maskz_loadu_ps(mk[0], bk);
-    const __m512 b1 = _mm512_maskz_loadu_ps(mk[1], bk + 16);
-    const __m512 b2 = _mm512_maskz_loadu_ps(mk[2], bk + 32);
-    const __m512 b3 = _mm512_maskz_loadu_ps(mk[3], bk + 48);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(ak[r]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, mk[j], acc[r][j]);
-}
-
-// Columns [n0, n0 + 64) of C = A^T B (every row).
-void gemm_tn_panel(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                   int64_t ldc, int64_t M, int64_t N, int64_t K, int64_t n0) {
+// Columns [n0, n0 + 64) of C = op(A) @ B (every row).
+template <bool kTransA>
+void gemm_panel(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                int64_t M, int64_t N, int64_t K, int64_t n0) {
   constexpr int R = 6;
   __mmask16 mk[4];
   for (int j = 0; j < 4; ++j) {
     const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, N - n0 - 16 * j));
     mk[j] = __mmask16((1u << left) - 1u);
   }
+  const int64_t a_row = kTransA ? 1 : lda;  // step of A between rows of op(A)
   int64_t m0 = 0;
   for (; m0 + R <= M; m0 += R)
-    gemm_tn_tile<R>(a + m0, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, K, mk);
-  const float* ar = a + m0;
+    gemm_tile<R, kTransA>(a + m0 * a_row, lda, b + n0, ldb, c + m0 * ldc + n0, ldc, K, mk);
+  const float* ar = a + m0 * a_row;
   float* cr = c + m0 * ldc + n0;
   switch (M - m0) {
-    case 5: gemm_tn_tile<5>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-    case 4: gemm_tn_tile<4>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-    case 3: gemm_tn_tile<3>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-    case 2: gemm_tn_tile<2>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
-    case 1: gemm_tn_tile<1>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 5: gemm_tile<5, kTransA>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 4: gemm_tile<4, kTransA>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 3: gemm_tile<3, kTransA>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 2: gemm_tile<2, kTransA>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
+    case 1: gemm_tile<1, kTransA>(ar, lda, b + n0, ldb, cr, ldc, K, mk); break;
     default: break;
   }
+}
+
+// C (M x N) = A (M x K) @ B (K x N).
+void block_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                int64_t M, int64_t N, int64_t K) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) gemm_panel<false>(a, lda, b, ldb, c, ldc, M, N, K, n0);
+}
+
+// Columns [n0, n0 + 64) of C (M x N) = A^T @ B with A (K x M) and B (K x N).
+void gemm_tn_panel(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                   int64_t ldc, int64_t M, int64_t N, int64_t K, int64_t n0) {
+  gemm_panel<true>(a, lda, b, ldb, c, ldc, M, N, K, n0);
 }
 }  // namespace wino_avx512
 }  // namespace fastunet
