@@ -8,7 +8,6 @@ Error bounds, relative to the largest output magnitude, against a float64 F.conv
   (measured <= 7e-6 here); a direct fp32 conv is at ~1e-6. End to end the fused model still
   matches the unfused one to 1e-4 (tests/test_nn_fused_segmentor.py, bench_inference.py).
 """
-import os
 
 import pytest
 import torch
@@ -21,18 +20,10 @@ pytestmark = pytest.mark.skipif(not _native.LOADED, reason="needs the native ext
 BOUND = {2: 1e-5, 4: 5e-5}
 
 
-def _avx512():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512f" in flags and os.environ.get("FASTUNET_CPU_ISA", "") in ("", "avx512")
-
-
-# conv_bias_relu takes Winograd only with the AVX-512 matrix kernel (tests/test_cpu_isa.py
+# conv_bias_relu takes Winograd only where the AVX-512 matrix kernel runs (tests/test_cpu_isa.py
 # checks the other ISAs fall back to oneDNN)
-DISPATCHES = pytest.mark.skipif(not _avx512(), reason="Winograd is dispatched only with AVX-512")
+DISPATCHES = pytest.mark.skipif(not (_native.LOADED and _native._C.winograd_fast_kernel()),
+                                reason="Winograd is dispatched only with AVX-512")
 CL = torch.channels_last
 
 
