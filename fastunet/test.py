@@ -43,8 +43,9 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint file: fastunet's (work_dirs/...) or mmseg's")
     p.add_argument("--data-root", metavar="DIR",
-                   help="converted dataset folder (default: the config's data/<DATASET>; "
-                        "optional for synthetic)")
+                   help="dataset folder: a converted root, or images/<split>/ and "
+                        "masks/<split>/ with data.dataset=folder (default: the config's "
+                        "data_root; none for synthetic, which generates its images)")
     p.add_argument("--mode", choices=TEST_MODES,
                    help="inference mode (default: the config's; slide for published configs)")
     p.add_argument("--fov", action="store_true",

@@ -154,6 +154,7 @@ def test_synthetic_needs_no_data_root(tmp_path, monkeypatch, capsys):
     (["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", "/nonexistent/DRIVE"],
      "does not exist"),
     (["--config", "fcn_unet_s5-d16_64x64_40k_driv"], "did you mean"),
+    (["--config", "synthetic"], "generates its own images"),  # with --data-root
     (["--config", MMSEG_CONFIG], "does not match the model"),  # the tiny mmseg ckpt, full model
     (["--config", MMSEG_CONFIG, "--cfg-options", *MMSEG_OVERRIDES, "--mode", "whole",
       "--checkpoint", "/nonexistent.pth"], "not found"),
