@@ -33,8 +33,14 @@ def predict_logits(model, x, mode=None, **options):
     return model.inference(x, mode=mode, **options)
 
 
+OVERLAY_COLOURS = (("vessel found", (40, 220, 40)), ("missed", (60, 120, 255)),
+                   ("false vessel", (235, 45, 45)))
+_LEGEND_HEIGHT = 22
+
+
 def error_overlay(rgb, pred, label, fov=None):
-    """Image | prediction side by side: vessels found (green), missed (blue), false (red).
+    """Image | prediction side by side: vessels found (green), missed (blue), false (red), with
+    that colour legend in a strip below (the picture is widened when the legend is wider).
 
     rgb: HxWx3 uint8; pred, label: HxW class maps (1 = vessel, 255 in label = ignored).
     """
@@ -45,11 +51,29 @@ def error_overlay(rgb, pred, label, fov=None):
     truth = (label == 1) & valid
     base = (rgb.astype(np.float32) * 0.55).astype(np.uint8)
     out = base.copy()
-    out[pred & truth] = (40, 220, 40)
-    out[pred & ~truth & valid] = (235, 45, 45)
-    out[~pred & truth] = (60, 120, 255)
+    (_, found), (_, missed), (_, false) = OVERLAY_COLOURS
+    out[pred & truth] = found
+    out[pred & ~truth & valid] = false
+    out[~pred & truth] = missed
     gap = np.full((rgb.shape[0], 6, 3), 255, np.uint8)
-    return np.concatenate([rgb, gap, out], axis=1)
+    return _with_legend(np.concatenate([rgb, gap, out], axis=1))
+
+
+def _with_legend(picture):
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = 6 + sum(16 + probe.textlength(name, font=font) + 14 for name, _ in OVERLAY_COLOURS)
+    h, w = picture.shape[:2]
+    canvas = Image.new("RGB", (max(w, int(width)), h + _LEGEND_HEIGHT), "white")
+    canvas.paste(Image.fromarray(picture), (0, 0))
+    draw, x = ImageDraw.Draw(canvas), 6
+    for name, colour in OVERLAY_COLOURS:
+        draw.rectangle([x, h + 6, x + 11, h + 17], fill=colour, outline=(90, 90, 90))
+        draw.text((x + 16, h + 5), name, fill="black", font=font)
+        x += 16 + probe.textlength(name, font=font) + 14
+    return np.asarray(canvas)
 
 
 @torch.no_grad()
