@@ -30,27 +30,9 @@ test_pipeline = [
             dict(type='Collect', keys=['img'])
         ])
 ]
+# without the RepeatDataset wrapper the published configs have (both forms are read)
 data = dict(
     samples_per_gpu=4,
     workers_per_gpu=4,
-    train=dict(
-        type='RepeatDataset',
-        times=40000,
-        dataset=dict(
-            type=dataset_type,
-            data_root=data_root,
-            img_dir='images/training',
-            ann_dir='annotations/training',
-            pipeline=train_pipeline)),
-    val=dict(
-        type=dataset_type,
-        data_root=data_root,
-        img_dir='images/validation',
-        ann_dir='annotations/validation',
-        pipeline=test_pipeline),
-    test=dict(
-        type=dataset_type,
-        data_root=data_root,
-        img_dir='images/validation',
-        ann_dir='annotations/validation',
-        pipeline=test_pipeline))
+    train=dict(type=dataset_type, data_root=data_root, img_dir='images/training',
+               ann_dir='annotations/training', pipeline=train_pipeline))

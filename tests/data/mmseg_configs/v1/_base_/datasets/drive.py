@@ -38,16 +38,4 @@ train_dataloader = dict(
             data_root=data_root,
             data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
             pipeline=train_pipeline)))
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=4,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
-        pipeline=test_pipeline))
-test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mDice'])
-test_evaluator = val_evaluator
