@@ -204,10 +204,15 @@ def _predict_files(args, prog, predictor, files, missing, tqdm, decode_image, wr
                 raise data
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                rgb = decode_image(data, str(path))
-            for w in caught:
-                bar.write(f"{prog}: warning: {w.message}", file=sys.stderr)
-            result = predictor.predict(rgb, return_probs=args.save_probs)
+                try:
+                    rgb = decode_image(data, str(path))
+                    result = predictor.predict(rgb, return_probs=args.save_probs)
+                finally:  # the image's warnings, also when it is skipped
+                    for w in caught:
+                        message = str(w.message)
+                        bar.write(f"{prog}: warning: " + (
+                            message if str(path) in message else f"{path}: {message}"),
+                            file=sys.stderr)
             labels, probs = result if args.save_probs else (result, None)
             out = os.path.join(args.out_dir, stems[path])
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

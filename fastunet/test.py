@@ -8,9 +8,12 @@
         --fov --json results.json --save-predictions preds/
 
 Images are predicted at native resolution in the config's test mode (``slide`` for the published
-configs, as mmseg) or ``--mode``; metrics are pooled over all validation pixels (label 255
-ignored; ``--fov`` also ignores pixels outside the field-of-view mask, as papers often score).
-Runs under torchrun too (images shared among the processes).
+configs, as mmseg) or ``--mode`` (``--tta`` adds flipped predictions); metrics are pooled over
+all validation pixels (label 255 ignored; ``--fov`` also ignores pixels outside the
+field-of-view mask, as papers often score). Printed: mmseg's per-class and summary tables, then
+the retinal-vessel papers' sensitivity, specificity, accuracy, AUC-ROC (of the vessel
+probability, pooled over the data set) and Dice (``fastunet.metrics`` defines each). Runs under
+torchrun too (images shared among the processes).
 """
 import argparse
 import json
@@ -40,12 +43,17 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint file: fastunet's (work_dirs/...) or mmseg's")
     p.add_argument("--data-root", metavar="DIR",
-                   help="converted dataset folder (default: the config's data/<DATASET>; "
-                        "optional for synthetic)")
+                   help="dataset folder: a converted root, or images/<split>/ and "
+                        "masks/<split>/ with data.dataset=folder (default: the config's "
+                        "data_root; none for synthetic, which generates its images)")
     p.add_argument("--mode", choices=TEST_MODES,
                    help="inference mode (default: the config's; slide for published configs)")
     p.add_argument("--fov", action="store_true",
                    help="score only pixels inside the field-of-view masks")
+    p.add_argument("--tta", choices=("none", "h", "v", "hv"), default="none",
+                   help="test-time augmentation: also predict horizontally (h), vertically (v) "
+                        "or both-ways (hv) flipped images and average the logits (2x / 4x the "
+                        "work); default none")
     p.add_argument("--save-predictions", metavar="DIR",
                    help="write each prediction as DIR/<name>.png (vessel 255, background 0)")
     p.add_argument("--json", metavar="PATH", help="write the metrics as JSON to PATH")
@@ -95,7 +103,7 @@ def run_test(args):
     except RuntimeError as e:
         raise cli.UserError(str(e)) from None
     try:
-        val_set = tdata.build_split(cfg["data"], "validation", args.data_root)
+        val_set = _ColourCheck(tdata.build_split(cfg["data"], "validation", args.data_root))
     except (tdata.DataRootError, FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
     if not os.path.isfile(args.checkpoint):
@@ -112,12 +120,14 @@ def run_test(args):
     model.to(dist_info.device).eval()
     model.to(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and GPU (cuDNN)
     mode = args.mode or model.test_cfg.get("mode", "whole")
+    tta = None if args.tta == "none" else args.tta
     if dist_info.is_main:
         it = meta.get("iteration", meta.get("iter"))
         print(f"fastunet.test: {cfg['name']} | checkpoint {args.checkpoint}"
               + (f" (iteration {it})" if it is not None else "")
               + f" | {len(val_set)} validation images | mode {mode}"
-              + (" | FOV only" if args.fov else "") + f" | device {dist_info.device}",
+              + (f" | TTA {tta}" if tta else "") + (" | FOV only" if args.fov else "")
+              + f" | device {dist_info.device}",
               flush=True)
     progress = None
     if dist_info.is_main and sys.stderr.isatty():
@@ -128,12 +138,19 @@ def run_test(args):
         metric, seconds = evaluate(model, val_set, dist_info.device, mode=args.mode,
                                    use_fov=args.fov, rank=dist_info.rank,
                                    world_size=dist_info.world_size,
-                                   save_dir=args.save_predictions, progress=progress)
+                                   save_dir=args.save_predictions, progress=progress, tta=tta)
     except ValueError as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
     metrics = metric.compute()
     if dist_info.is_main:
+        if val_set.grayscale:
+            from .inference.predictor import COLOUR_ADVICE
+
+            print(f"{PROG}: warning: {len(val_set.grayscale)} of the images scored here are "
+                  f"grayscale (e.g. {val_set.grayscale[0]}); {COLOUR_ADVICE}", file=sys.stderr,
+                  flush=True)
         print(metric.table())
+        print(metric.vessel_table())
         print(f"vessel Dice {metrics['vessel_dice']:.2f} | mDice {metrics['mDice']:.2f} | "
               f"mIoU {metrics['mIoU']:.2f} | aAcc {metrics['aAcc']:.2f} | "
               f"{len(val_set)} images in {seconds:.1f} s")
@@ -141,7 +158,10 @@ def run_test(args):
             print(f"predictions: {args.save_predictions}")
         if args.json:
             record = {"config": cfg["name"], "checkpoint": os.path.abspath(args.checkpoint),
-                      "mode": mode, "fov": bool(args.fov), "num_images": len(val_set),
+                      "mode": mode, "tta": tta, "fov": bool(args.fov),
+                      "num_images": len(val_set),
+                      # AUC from a histogram: its largest possible error, in the same unit
+                      "vessel_auc_max_error": metric.auc_error_bound(),
                       "seconds": seconds, "device": str(dist_info.device),
                       "time": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
             folder = os.path.dirname(os.path.abspath(args.json))
@@ -153,6 +173,30 @@ def run_test(args):
             print(f"json: {args.json}")
     distributed.shutdown()
     return metrics
+
+
+class _ColourCheck:
+    """A dataset whose items are noted when their image is grayscale (warned about once, after
+    scoring); everything else is the wrapped dataset's."""
+
+    def __init__(self, dataset):
+        self.dataset, self.grayscale = dataset, []
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        from .inference.predictor import is_grayscale
+
+        item = self.dataset[index]
+        if is_grayscale(item["img"]):
+            self.grayscale.append(item.get("name", index))
+        return item
+
+    def __getattr__(self, name):  # CLASSES and the like
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 if __name__ == "__main__":

@@ -92,10 +92,16 @@ def build_parser():
                                                          initial_indent="  ",
                                                          subsequent_indent="  "))
     p.add_argument("--config", default="synthetic",
-                   help="config name (default: synthetic); see the list below")
+                   help="config name (default: synthetic; see the list below) or config file: "
+                        ".yaml/.json (from --print-config) or an mmseg .py config")
+    p.add_argument("--print-config", nargs="?", const="", metavar="NAME",
+                   help="print config NAME (default: --config's, with --cfg-options) as YAML "
+                        "and exit: python -m fastunet.train --print-config synthetic > my.yaml")
     p.add_argument("--data-root", metavar="DIR",
-                   help="converted dataset folder (default: the config's data/<DATASET>); for "
-                        "synthetic, the cache folder of the generated images")
+                   help="dataset folder: a converted DRIVE/STARE/CHASE_DB1/HRF root, or with "
+                        "--cfg-options data.dataset=folder your images/<split>/ and "
+                        "masks/<split>/ (default: the config's data_root); the synthetic "
+                        "config generates its images and takes none")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where checkpoints and logs go (default: work_dirs/<config name>)")
     p.add_argument("--max-iters", type=int, metavar="N",
@@ -140,7 +146,9 @@ def main(argv=None):
     """Entry point of ``python -m fastunet.train`` and ``fastunet-train``; returns the exit code."""
     args = build_parser().parse_args(argv)
     from .data import DatasetError, ImageReadError
-    from .training.cli import UserError, data_error_message, fail
+    from .training.cli import UserError, data_error_message, fail, print_config
+    if args.print_config is not None:
+        return print_config(PROG, args.print_config or args.config, args.cfg_options)
     try:
         train(args)
     except UserError as e:

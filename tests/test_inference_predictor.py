@@ -76,11 +76,15 @@ def test_checkpoint_is_loaded(checkpoint, image):
 
 def test_gray_rgba_and_16_bit_are_converted_with_warnings(checkpoint, image):
     predictor = Predictor(CONFIG, checkpoint[0], device="cpu")
-    gray = image[..., 1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got_gray = predictor.predict(gray)  # grayscale: expanded silently, as read_image does
-    assert np.array_equal(got_gray, predictor.predict(np.repeat(gray[..., None], 3, 2)))
+        predictor.predict(image)  # colour: no warning
+    gray = image[..., 1]
+    with pytest.warns(ImageConversionWarning, match="grayscale image.*colour"):
+        got_gray = predictor.predict(gray)  # expanded to RGB; the model expects colour
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per Predictor, not per image
+        assert np.array_equal(got_gray, predictor.predict(np.repeat(gray[..., None], 3, 2)))
     rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 128, np.uint8)], axis=2)
     with pytest.warns(ImageConversionWarning, match="alpha"):
         assert np.array_equal(predictor.predict(rgba), predictor.predict(image))

@@ -221,3 +221,56 @@ def test_cuda_graph_inference_sees_weights_trained_after_capture():
     with torch.no_grad():
         expected = model.slide_inference_reference(x, 64, 42)
     torch.testing.assert_close(model.inference(x, cuda_graphs=True), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_init_weights_initialises_as_mmseg_once():
+    import warnings
+
+    model = tiny("pspnet_unet_s5-d16_64x64_40k_drive", base=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(7.0)
+    assert not model.is_init and not model.backbone.is_init
+    torch.manual_seed(1)
+    model.init_weights()
+    assert model.is_init and model.backbone.is_init and model.decode_head.is_init
+    assert model.auxiliary_head.is_init
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:  # Kaiming normal, fan_out, relu: std sqrt(2 / (out * k * k))
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        if conv.weight.numel() >= 4096:
+            assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+        assert conv.bias is None or not conv.bias.any()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(bool((b.weight == 1).all() and (b.bias == 0).all()) for b in bns)
+    seg = model.decode_head.conv_seg
+    assert seg.weight.std().item() == pytest.approx(0.01, rel=0.5) and not seg.bias.any()
+    # the PSP bottleneck (a direct child Conv-BN-ReLU) is re-initialised; the pyramid's convs
+    # (inside a ModuleList) are not visited, as in mmengine, and keep the 7s
+    assert model.decode_head.bottleneck.conv.weight.abs().max() < 7
+    assert (model.decode_head.psp_modules[0][1].conv.weight == 7).all()
+    # a second call is a no-op that warns (mmengine's rule); seeded calls repeat
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="more than once"):
+        model.init_weights()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again = tiny("pspnet_unet_s5-d16_64x64_40k_drive", base=16)
+    with torch.no_grad():
+        for p in again.parameters():
+            p.fill_(7.0)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.init_weights()
+    assert all(torch.equal(before[k], v) for k, v in again.state_dict().items()
+               if "running" not in k and "num_batches" not in k)
+
+
+def test_deconv_upsampler_keeps_its_default_init():
+    cfg = apply_overrides(get_config("synthetic"),
+                          ["model.backbone.upsample_cfg.type='DeconvModule'"])
+    model = build_segmentor(cfg)
+    deconvs = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    before = [d.weight.clone() for d in deconvs]
+    model.backbone.init_weights()
+    assert deconvs and all(torch.equal(b, d.weight) for b, d in zip(before, deconvs))

@@ -30,7 +30,7 @@ def drive_root(tmp_path_factory):
                            num_validation=3, size=(96, 96))
 
 
-def _expected(root, use_fov, mode="slide"):
+def _expected(root, use_fov, mode="slide", tta=None):
     model = fastunet.build_segmentor(fastunet.models.apply_overrides(
         fastunet.get_config(MMSEG_CONFIG), MMSEG_OVERRIDES))
     fastunet.load_checkpoint(model, MMSEG_CKPT)
@@ -38,9 +38,11 @@ def _expected(root, use_fov, mode="slide"):
     metric, preds = SegMetric(), {}
     with torch.no_grad():
         for item in build_dataset("drive", root, "validation"):
-            pred = model.inference(normalize(item["img"])[None]).argmax(1)[0].numpy()
+            logits = model.inference(normalize(item["img"])[None], tta=tta)
+            pred = logits.argmax(1)[0].numpy()
             preds[item["name"]] = pred
-            metric.update(pred, item["label"], fov=item["fov"] if use_fov else None)
+            metric.update(pred, item["label"], fov=item["fov"] if use_fov else None,
+                          prob=logits.softmax(1)[0, 1])
     return metric.compute(), preds
 
 
@@ -63,6 +65,46 @@ def test_mmseg_checkpoint_scores_as_computed_by_hand(drive_root, tmp_path, capsy
         assert np.array_equal(saved, (pred == 1).astype(np.uint8) * 255)
     # the printed summary shows the same numbers (2 decimals)
     assert f"{expected['mDice']:.2f}" in out and f"{expected['aAcc']:.2f}" in out
+    # and the field's metrics: Se, Sp, Acc, AUC-ROC (pooled, inside the FOV with --fov), Dice
+    table = out[out.index("vessel metrics"):].splitlines()
+    assert [c.strip() for c in table[2].strip("|").split("|")] == ["Se", "Sp", "Acc", "AUC",
+                                                                    "Dice"]
+    assert [c.strip() for c in table[4].strip("|").split("|")] == [
+        f"{expected[k]:.2f}" for k in ("vessel_se", "vessel_sp", "vessel_acc", "vessel_auc",
+                                       "vessel_dice")]
+    # this tiny model's probabilities all lie within 0.5 +- 3e-4, so many share a histogram bin
+    assert 0 < record["vessel_auc_max_error"] <= 50 and record["tta"] is None
+
+
+def test_tta_averages_flipped_predictions(drive_root, tmp_path, capsys):
+    out_json = tmp_path / "t.json"
+    assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
+                          drive_root, "--tta", "hv", "--json", str(out_json),
+                          "--cfg-options", *MMSEG_OVERRIDES]) == 0
+    assert "| TTA hv |" in capsys.readouterr().out
+    record = json.loads(out_json.read_text())
+    expected, _ = _expected(drive_root, False, tta="hv")
+    plain, _ = _expected(drive_root, False)
+    assert record["tta"] == "hv" and json.dumps(record["metrics"]) == json.dumps(expected)
+    assert expected["vessel_auc"] != plain["vessel_auc"]  # the flips changed the prediction
+
+
+def test_grayscale_images_warn_once(drive_root, tmp_path, capsys):
+    gray_root = tmp_path / "DRIVE"
+    import shutil
+
+    shutil.copytree(drive_root, gray_root)
+    for png in (gray_root / "images" / "validation").iterdir():
+        img = np.asarray(Image.open(png).convert("L").convert("RGB"))
+        Image.fromarray(img).save(png)
+    assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
+                          str(gray_root), "--cfg-options", *MMSEG_OVERRIDES]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "3 of the images" in err and "colour" in err
+    # colour images: no warning
+    assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
+                          drive_root, "--cfg-options", *MMSEG_OVERRIDES]) == 0
+    assert "grayscale" not in capsys.readouterr().err
 
 
 def test_mode_whole(drive_root, tmp_path):
@@ -90,7 +132,8 @@ def test_mode_overlap_tile(drive_root, tmp_path):
     metric = SegMetric()
     with torch.no_grad():
         for item in build_dataset("drive", drive_root, "validation"):
-            metric.update(engine(normalize(item["img"])[None]).argmax(1)[0], item["label"])
+            logits = engine(normalize(item["img"])[None])
+            metric.update(logits.argmax(1)[0], item["label"], prob=logits.softmax(1)[0, 1])
     record = json.loads(out_json.read_text())
     assert record["mode"] == "overlap-tile"
     assert json.dumps(record["metrics"]) == json.dumps(metric.compute())
@@ -111,6 +154,7 @@ def test_synthetic_needs_no_data_root(tmp_path, monkeypatch, capsys):
     (["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", "/nonexistent/DRIVE"],
      "does not exist"),
     (["--config", "fcn_unet_s5-d16_64x64_40k_driv"], "did you mean"),
+    (["--config", "synthetic"], "generates its own images"),  # with --data-root
     (["--config", MMSEG_CONFIG], "does not match the model"),  # the tiny mmseg ckpt, full model
     (["--config", MMSEG_CONFIG, "--cfg-options", *MMSEG_OVERRIDES, "--mode", "whole",
       "--checkpoint", "/nonexistent.pth"], "not found"),
@@ -129,5 +173,5 @@ def test_help(tmp_path):
     out = run_cli("fastunet.test", ["--help"], tmp_path)
     assert out.returncode == 0
     for opt in ("--config", "--checkpoint", "--data-root", "--mode", "slide", "whole",
-                "overlap-tile", "--fov", "--save-predictions", "--json", "--device"):
+                "overlap-tile", "--fov", "--tta", "--save-predictions", "--json", "--device"):
         assert opt in out.stdout

@@ -69,7 +69,7 @@ def test_default_command_reduced(tmp_path, capsys):
     assert f"checkpoint: {ckpt}" in out and f"overlay:    {overlay}" in out
     assert (work / "curves.png").is_file() and (work / "log.jsonl").is_file()
     img = np.asarray(Image.open(overlay))
-    assert img.shape == (96, 2 * 96 + 6, 3)  # image | gap | prediction
+    assert img.shape[0] > 96 and img.shape[1] >= 2 * 96 + 6  # image | gap | prediction, legend
     meta = fastunet.load_checkpoint(fastunet.build_segmentor(fastunet.models.apply_overrides(
         fastunet.get_config("synthetic"), tiny_model(4))), ckpt)
     assert meta["iteration"] == 3 and "vessel_dice" in meta["metrics"]

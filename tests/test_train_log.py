@@ -66,3 +66,28 @@ def test_format_duration():
     assert runlog.format_duration(59.6) == "1:00"
     assert runlog.format_duration(3725) == "1:02:05"
     assert runlog.format_duration(float("inf")) == "?"
+
+
+def test_curves_panels_keep_their_labels_and_few_dice_points_show(tmp_path):
+    from fastunet.training import curves
+
+    records = [{"mode": "train", "iter": it, "loss": 1 / it, "lr": 0.01 * (1 - it / 1600)}
+               for it in range(50, 1501, 50)]
+    records += [{"mode": "val", "iter": 750, "vessel_dice": 70.0, "mDice": 80.0},
+                {"mode": "val", "iter": 1500, "vessel_dice": 75.0, "mDice": 85.0}]
+    curves.draw_curves(records, tmp_path / "c.png", 1500)
+    png = np.asarray(Image.open(tmp_path / "c.png"))
+    w, gap = curves._W, curves._GAP
+    assert png.shape[1] == 3 * w + 2 * gap
+    for i in (1, 2):  # blank gaps: no tick label of a panel stands against its neighbour's frame
+        assert (png[:, i * w + (i - 1) * gap:i * (w + gap)] == 255).all()
+    # each panel has a y-axis label, left of its tick labels
+    for i in range(3):
+        assert (png[:, i * (w + gap):i * (w + gap) + 16] != 255).any()
+    # the Dice panel's two points are large markers: a tall run of the vessel colour in the
+    # column of the first point (a bare 2-pixel line would give a run of about 2-3)
+    dice = png[:, 2 * (w + gap):]
+    x = round(curves._L + (w - curves._R - curves._L) * 750 / 1500)
+    column = np.all(dice[curves._T:, x] == curves._COLORS[0], axis=-1)
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, column.astype(int), 0])))[::2]
+    assert runs.max() >= 7

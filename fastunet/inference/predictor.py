@@ -65,6 +65,20 @@ def as_rgb_uint8(image, name="image"):
     return np.ascontiguousarray(a)
 
 
+COLOUR_ADVICE = ("the models are trained on colour (RGB) fundus photographs and find far fewer "
+                 "vessels in grayscale ones; use the colour photograph if you have it")
+GRAYSCALE_WARNING = "grayscale image: " + COLOUR_ADVICE
+
+
+def is_grayscale(rgb):
+    """Whether an HxWx3 image has three equal channels everywhere (a grayscale photograph)."""
+    step = max(1, int((rgb.shape[0] * rgb.shape[1] / 65536) ** 0.5))
+    for a in (rgb[::step, ::step], rgb):  # a strided sample settles colour photos at once
+        if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])):
+            return False
+    return True
+
+
 class Predictor:
     """Segments RGB images with a fastunet (or mmseg) checkpoint.
 
@@ -136,6 +150,7 @@ class Predictor:
         self._inv_std = 1.0 / self._std
         self.mode = mode
         engine_options.setdefault("size_divisor", getattr(model.backbone, "downsample_rate", 16))
+        self._warned_grayscale = False  # once per Predictor, not per image
         self.engine = InferenceEngine(model.encode_decode, mode, crop_size, stride,
                                       window_batch=window_batch, precision=precision,
                                       channels_last=channels_last, gaussian=gaussian, tta=tta,
@@ -149,12 +164,19 @@ class Predictor:
 
     def predict(self, image, return_probs=False):
         """HxWx3 uint8 RGB array (or a path) -> HxW uint8 labels (argmax of the logits); with
-        return_probs, also the HxW float32 probability of class 1 (vessel)."""
+        return_probs, also the HxW float32 probability of class 1 (vessel). The first grayscale
+        image warns (ImageConversionWarning): the models expect colour photographs."""
         if isinstance(image, (str, os.PathLike)):
             from ..data.io import read_image
 
             image = read_image(image)
         rgb = as_rgb_uint8(image)
+        if not self._warned_grayscale and is_grayscale(rgb):
+            from ..data.io import ImageConversionWarning
+
+            warnings.warn(GRAYSCALE_WARNING + " (warned once)", ImageConversionWarning,
+                          stacklevel=2)
+            self._warned_grayscale = True
         # the uint8 image as (1, 3, H, W); the engine normalises it band by band, so a large
         # image never exists as float (4x the bytes) nor do its logits
         x = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(2, 0, 1)[None]

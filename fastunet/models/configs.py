@@ -10,10 +10,13 @@ A config is a plain nested dict (print it, copy it, edit it)::
                'eval_interval', 'checkpoint_interval'}}
 
 ``model`` uses mmseg's keys and values, so ``build_segmentor`` also accepts an mmseg model dict.
+:func:`get_config` also reads config files (YAML/JSON, mmseg ``.py``): see
+:mod:`fastunet.models.config_files`.
 """
 import ast
 import copy
 import difflib
+import os
 
 __all__ = ["get_config", "list_configs", "list_aliases", "resolve_name", "apply_overrides",
            "ConfigKeyError"]
@@ -182,7 +185,20 @@ def resolve_name(name):
 
 
 def get_config(name):
-    """A fresh deep copy of the named config (a name, an mmseg 1.x alias or a config path)."""
+    """A fresh deep copy of the named config (a name or an mmseg alias), or the config that a
+    file describes (``.yaml``/``.yml``/``.json``, or an mmseg ``.py`` config when the file
+    exists; else its name as an alias: ``configs/unet/unet-s5-d16_fcn_4xb4-40k_drive-64x64.py``).
+    Raises ConfigKeyError for an unknown name, ConfigFileError for a file it cannot read."""
+    from .config_files import ConfigFileError, is_config_file, load_config_file
+
+    if is_config_file(name):
+        if os.path.exists(name) or not os.fspath(name).lower().endswith(".py"):
+            return load_config_file(name)
+        try:
+            return copy.deepcopy(_CONFIGS[resolve_name(name)])
+        except ConfigKeyError as e:
+            raise ConfigFileError(f"config file {os.fspath(name)} not found, nor is it a "
+                                  f"built-in config name ({e})") from None
     return copy.deepcopy(_CONFIGS[resolve_name(name)])
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..nn import ConvBNReLU
 from .losses import build_loss
+from .weight_init import InitWeights
 
 
 def resize(x, size, mode="bilinear", align_corners=False):
@@ -19,8 +20,12 @@ def resize(x, size, mode="bilinear", align_corners=False):
     return F.interpolate(x, size, None, mode, align_corners)
 
 
-class BaseDecodeHead(nn.Module):
-    """Shared part of every head: input selection, dropout + 1x1 ``conv_seg``, and the losses."""
+class BaseDecodeHead(InitWeights, nn.Module):
+    """Shared part of every head: input selection, dropout + 1x1 ``conv_seg``, and the losses.
+
+    ``init_weights()`` re-initialises as mmseg: ``conv_seg`` Normal(std=0.01), bias 0, and each
+    Conv-BN-ReLU that is a direct child (e.g. ``bottleneck``) Kaiming normal again.
+    """
 
     def __init__(self, in_channels, channels, *, num_classes, out_channels=None, threshold=None,
                  dropout_ratio=0.1, conv_cfg=None, norm_cfg=None, act_cfg=dict(type="ReLU"),
@@ -55,6 +60,9 @@ class BaseDecodeHead(nn.Module):
 
         self.conv_seg = nn.Conv2d(channels, self.out_channels, kernel_size=1)
         self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
+        self._init_own_weights()
+
+    def _init_own_weights(self):
         # mmseg's init_cfg: Normal(std=0.01) on conv_seg only, bias 0
         nn.init.normal_(self.conv_seg.weight, 0, 0.01)
         nn.init.zeros_(self.conv_seg.bias)

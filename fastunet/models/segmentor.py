@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..nn import cpu_fused_layout
 from .heads import build_head, resize
 from .unet import UNet
+from .weight_init import InitWeights
 
 # mmseg model-dict keys that have no effect here (normalisation happens in the data pipeline)
 _IGNORED_MODEL_KEYS = ("data_preprocessor", "train_cfg", "init_cfg", "neck")
@@ -24,8 +25,13 @@ def _pair(v):
     return (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(x) for x in v)
 
 
-class EncoderDecoder(nn.Module):
-    """UNet backbone, a decode head and optional auxiliary head(s); logits at input resolution."""
+class EncoderDecoder(InitWeights, nn.Module):
+    """UNet backbone, a decode head and optional auxiliary head(s); logits at input resolution.
+
+    ``init_weights()`` initialises the backbone and heads as mmseg does (mmengine's protocol:
+    :mod:`fastunet.models.weight_init`); a list of auxiliary heads is an ``nn.ModuleList``, which
+    mmengine does not descend into either.
+    """
 
     def __init__(self, backbone, decode_head, auxiliary_head=None, test_cfg=None):
         super().__init__()

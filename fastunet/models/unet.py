@@ -13,6 +13,7 @@ import torch.utils.checkpoint as cp
 from ..nn import ConvBNReLU, MaxPool2d
 from ..nn.conv_bn_relu import _norm_layer
 from ..ops import recompute
+from .weight_init import InitWeights, kaiming_conv_constant_norm
 
 
 def _run(module, x, with_cp):
@@ -151,7 +152,7 @@ def _check_len(name, value, expected):
         raise ValueError(f"UNet: len({name}) must be {expected}, got {name}={tuple(value)}")
 
 
-class UNet(nn.Module):
+class UNet(InitWeights, nn.Module):
     """Drop-in for mmseg's ``UNet`` backbone; returns ``num_stages`` maps, deepest first.
 
     With the defaults (UNet-S5-D16) the outputs are
@@ -159,6 +160,8 @@ class UNet(nn.Module):
     16. ``norm_eval=True`` keeps every BN in eval mode during training; ``with_cp=True`` trades
     compute for memory with activation checkpointing. ``pretrained``/``init_cfg`` exist for
     keyword compatibility only: load weights with :func:`fastunet.load_checkpoint`.
+    ``init_weights()`` re-initialises as mmseg's UNet: Kaiming normal convolutions (fan_out),
+    BatchNorm weight 1 and bias 0 (see :mod:`fastunet.models.weight_init`).
     """
 
     def __init__(self, in_channels=3, base_channels=64, num_stages=5, strides=(1, 1, 1, 1, 1),
@@ -208,6 +211,9 @@ class UNet(nn.Module):
                 with_cp=with_cp, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg))
             self.encoder.append(nn.Sequential(*enc_conv_block))
             in_channels = base_channels * 2**i
+
+    def _init_own_weights(self):
+        kaiming_conv_constant_norm(self)
 
     @property
     def downsample_rate(self):

@@ -2,10 +2,11 @@
 import os
 import sys
 
+from ..models.config_files import ConfigFileError
 from ..models.configs import ConfigKeyError, apply_overrides, get_config
 
-__all__ = ["UserError", "load_config", "fail", "default_work_dir", "validate_training_config",
-           "check_device", "data_error_message"]
+__all__ = ["UserError", "load_config", "print_config", "fail", "default_work_dir",
+           "validate_training_config", "check_device", "data_error_message"]
 
 
 class UserError(Exception):
@@ -13,16 +14,40 @@ class UserError(Exception):
 
 
 def load_config(name, cfg_options=None):
-    """The named config with ``--cfg-options`` applied; wrong names/keys become UserError."""
+    """The config of a name or file (YAML/JSON/mmseg .py) with ``--cfg-options`` applied; wrong
+    names, unreadable files and wrong keys become UserError."""
     try:
         cfg = get_config(name)
-    except (ConfigKeyError, TypeError) as e:
+    except (ConfigKeyError, ConfigFileError, TypeError) as e:
         raise UserError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {name}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
     try:
         apply_overrides(cfg, cfg_options)
     except (ConfigKeyError, ValueError) as e:
         raise UserError(f"--cfg-options: {e}") from None
     return cfg
+
+
+def print_config(prog, name, cfg_options=None):
+    """``--print-config``: the config (with ``--cfg-options``) as a YAML file on stdout, or JSON
+    when PyYAML is missing (a .yaml file holding it still loads); returns the exit code."""
+    from ..models.config_files import config_text
+
+    try:
+        cfg = load_config(name, cfg_options)
+    except UserError as e:
+        return fail(prog, e)
+    try:
+        import yaml  # noqa: F401
+        fmt = "yaml"
+    except ImportError:
+        fmt = "json"
+        print(f"{prog}: note: PyYAML is not installed (pip install pyyaml), so the config is "
+              f"printed as JSON; it loads from a .json or .yaml file", file=sys.stderr)
+    sys.stdout.write(config_text(cfg, fmt))
+    return 0
 
 
 def default_work_dir(cfg):

@@ -2,8 +2,9 @@
 
 Configs name datasets as the published tables do ('DRIVE', 'STARE', 'CHASE_DB1', 'HRF',
 'synthetic'); :func:`dataset_key` maps them (any case) to ``fastunet.data.build_dataset``'s
-names. For 'synthetic', ``data_root`` is the cache folder of the generated images (default
-``$FASTUNET_CACHE`` or ``~/.cache/fastunet``), generated on first use.
+names. For 'synthetic', the config's ``data_root`` is the cache folder of the generated images
+(default ``$FASTUNET_CACHE`` or ``~/.cache/fastunet``), generated on first use; a ``--data-root``
+is refused there, since whoever passes one means their own images.
 """
 import os
 import random
@@ -49,6 +50,12 @@ def check_data_root(data_cfg, data_root=None):
     key = dataset_key(data_cfg["dataset"])
     root = data_root if data_root is not None else data_cfg.get("data_root")
     if key == "synthetic":
+        if data_root is not None and data_root != data_cfg.get("data_root"):
+            raise DataRootError(
+                f"--data-root {data_root}: the synthetic config generates its own images (into "
+                f"the cache; FASTUNET_CACHE moves it). To train on your images in {data_root}, "
+                f"add --cfg-options data.dataset=folder ({data_root}/images/training/, "
+                f"{data_root}/masks/training/, and the same for validation)")
         return root  # a cache folder (None: the default one), created on demand
     if root is None:
         raise DataRootError(f"dataset {data_cfg['dataset']} needs --data-root DIR")
@@ -77,6 +84,10 @@ def build_split(data_cfg, split, data_root=None):
         return build_dataset("synthetic", root, split, num_images=n, size=size,
                              seed=data_cfg.get("synthetic_seed", 0),
                              progress=sys.stderr.isatty())
+    if key == "folder":  # FOV masks, when there are any, in fov/<split>/ beside images/ and masks/
+        fov_dir = os.path.join(root, "fov", split)
+        return build_dataset(key, root, split,
+                             fov_dir=fov_dir if os.path.isdir(fov_dir) else None)
     return build_dataset(key, root, split)
 
 
