@@ -110,9 +110,11 @@ def build_parser():
     p.add_argument("--no-overlay", action="store_true", help="do not write NAME_overlay.png")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="compute precision of the network (fp16/bf16 use autocast; they are "
-                        "fast on GPUs, bf16 also on recent CPUs); default fp32")
+    p.add_argument("--precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
+                   help="compute precision of the network (fp16/bf16 use autocast, the "
+                        "averaging stays fp32). auto (default): bf16 on CPUs with native bf16 "
+                        "(AVX512-BF16 or AMX), else fp32; fp32 reproduces mmseg's numbers "
+                        "exactly")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="slide: the config's overlapping windows, averaged (exactly as mmseg, "
                         "the published numbers); overlap-tile: large reflect-padded tiles with a "
