@@ -388,3 +388,86 @@ def test_cuda_hrf_bf16_window_batch_vs_memory(benchmark):
     _report(benchmark, "cuda hrf slide bf16 window-batch sweep",
             device=torch.cuda.get_device_name(),
             **{f"batch{b}_{k}": v for b, r in sweep.items() for k, v in r.items()})
+
+
+def _live_at_peak(trace, top=8):
+    """(peak bytes, [(where, bytes)] of the `top` largest groups of blocks live at that peak)
+    from a CUDA caching-allocator trace (``torch.cuda.memory._snapshot()['device_traces'][i]``,
+    recorded with Python stacks). A block is grouped by its innermost frame inside fastunet,
+    else its innermost frame."""
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    groups = {}
+    for event in at_peak.values():
+        frames = event.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
+        frame = next((f for f in frames if "/fastunet/" in f["filename"]), frames[0])
+        where = f"{frame['filename'].rsplit('/', 2)[-1]}:{frame['line']} {frame['name']}"
+        groups[where] = groups.get(where, 0) + event["size"]
+    return peak, sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+
+
+@CUDA[0]
+@CUDA[1]
+def test_cuda_hrf_bf16_memory_per_window(benchmark):
+    """What HRF slide bf16 keeps per window: peak memory at window batches 8 and 16 (eager, no
+    CUDA graph), so per window = the difference / 8; once as the model runs, once with its
+    bilinear upsamplings in bf16 (CUDA autocast runs upsample_bilinear2d in fp32, so each
+    decoder stage's upsampled map is held in fp32 beside its bf16 cast). A memory snapshot of the
+    batch-16 run gives the largest groups of blocks live at the peak (written to
+    $OUT/hrf_bf16_memory_snapshot.pickle when OUT is set, for torch.cuda.memory viewers)."""
+    from fastunet.models import unet
+
+    x = torch.randn(1, 3, *HRF, device="cuda")
+    model = _hrf_cuda_model()
+    run_upsample = unet.Upsample.forward
+
+    def bf16_upsample(self, t):
+        with torch.autocast("cuda", enabled=False):
+            return run_upsample(self, t.to(torch.bfloat16))
+
+    peaks = {}
+    for variant in ("as_is", "upsample_bf16"):
+        unet.Upsample.forward = run_upsample if variant == "as_is" else bf16_upsample
+        try:
+            for batch in (8, 16):
+                engine = InferenceEngine(model.encode_decode, "slide", 256, 170, precision="bf16",
+                                         channels_last=True, window_batch=batch,
+                                         cuda_graphs=False)
+                engine(x)  # probe and cuDNN autotuning outside the measurement
+                with PeakMemory("cuda") as mem:
+                    engine(x)
+                peaks[(variant, batch)] = mem.bytes
+        finally:
+            unet.Upsample.forward = run_upsample
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+    try:
+        engine = InferenceEngine(model.encode_decode, "slide", 256, 170, precision="bf16",
+                                 channels_last=True, window_batch=16, cuda_graphs=False)
+        engine(x)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    if os.environ.get("OUT"):
+        import pickle
+
+        with open(os.path.join(os.environ["OUT"], "hrf_bf16_memory_snapshot.pickle"), "wb") as f:
+            pickle.dump(snapshot, f)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    peak, groups = _live_at_peak(trace)
+    benchmark.pedantic(lambda: None, rounds=1, warmup_rounds=0)
+    per_window = {v: (peaks[(v, 16)] - peaks[(v, 8)]) / 8 / 2**20 for v in ("as_is",
+                                                                           "upsample_bf16")}
+    _report(benchmark, "cuda hrf slide bf16 memory per window",
+            device=torch.cuda.get_device_name(),
+            per_window_MiB=per_window["as_is"], per_window_upsample_bf16_MiB=per_window[
+                "upsample_bf16"], peak_batch16_MiB=peaks[("as_is", 16)] / 2**20,
+            snapshot_peak_MiB=peak / 2**20,
+            **{f"live_at_peak_{i}": f"{where} {size / 2**20:.1f} MiB"
+               for i, (where, size) in enumerate(groups)})

@@ -125,7 +125,8 @@ def build_parser():
                         "or both-ways (hv) flipped windows and average (2x / 4x the work); "
                         "default none")
     p.add_argument("--window-batch", type=int, default=None, metavar="N",
-                   help="windows per forward pass (default: sized from free memory)")
+                   help="windows per forward pass (default: planned for the device: the CPU's "
+                        "cache, the GPU's free memory)")
     p.add_argument("--gaussian", action="store_true",
                    help="weight window pixels by a Gaussian (sigma = window/8) instead of the "
                         "plain average (slide / overlap-tile)")

@@ -8,8 +8,9 @@
 engine imports no model. Modes (``TilePlan`` gives the exact geometry of each):
 
 - ``slide`` (default): mmseg's slide inference exactly (``ops.tile_reference.slide_inference``
-  is that loop): the same window positions, the uniform average of the window logits. Windows are cut with ``tile_extract``, run ``window_batch`` at a time,
-  and averaged by one ``tile_aggregate`` (softmax/argmax fused when asked for).
+  is that loop): the same window positions, the uniform average of the window logits. Windows
+  are cut with ``tile_extract``, run ``window_batch`` at a time, and averaged by one
+  ``tile_aggregate`` (softmax/argmax fused when asked for).
 - ``overlap-tile``: the original U-Net strategy: the image is reflect-padded by ``margin`` and cut
   into large tiles (``tile_size``, a multiple of 16) whose outputs are cropped by ``margin`` on
   every side, so each output pixel is predicted with at least ``margin`` pixels of context.

@@ -12,9 +12,9 @@ Window batch:
   the windows whose largest single op (inputs + output) fits in the last-level cache together
   (past that, every layer streams its activations through DRAM), and enough windows that the
   bytes every forward reads whatever its batch (the weights) stay under 1/``CPU_FIXED_SHARE``
-  of the bytes the windows themselves move (the weights cost more than their bytes). benchmarks/bench_inference.py
-  (``test_cpu_window_batch_sweep``) measures the best batch per window size and model width
-  against what this rule picks.
+  of the bytes the windows themselves move (the weights cost more than their bytes).
+  benchmarks/bench_inference.py (``test_cpu_window_batch_sweep``) measures the best batch per
+  window size and model width against what this rule picks.
 - Any device: at most ``MAX_BATCH_PIXELS`` pixels and ``MAX_WINDOW_BATCH`` windows per forward,
   and the windows spread evenly over the forwards (no tiny last batch).
 

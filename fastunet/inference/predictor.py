@@ -70,15 +70,16 @@ class Predictor:
 
     config: a config name (``fastunet.list_configs()``) or dict; checkpoint: a .pth path (None
     keeps the initial weights, for testing). device: default CUDA if available, else CPU.
-    precision: "auto" (default: bf16 autocast on CPUs with native bf16, AVX512-BF16 or AMX,
-    else fp32; see ``fastunet.inference.resolve_precision``), "fp32" (exact reproduction of
-    mmseg's numbers), "fp16" or "bf16"; ``self.precision`` says which one runs. mode: "slide" (default: the config's test_cfg),
-    "overlap-tile" or "whole" (see fastunet.inference.engine). crop_size / stride override the
-    config's slide window. window_batch: windows per forward (default: from free memory).
-    tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting. fuse: fold BN into
-    the convolutions (eval only; outputs change by float rounding). channels_last: default on
-    (faster convolutions on CPU and with fp16/bf16 on GPU). Other keyword arguments go to
-    ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device, max_buffer_bytes, ...).
+    precision: "auto" (default: bf16 autocast on CPUs with native bf16, AVX512-BF16 or AMX, else
+    fp32; see ``fastunet.inference.resolve_precision``), "fp32" (exact reproduction of mmseg's
+    numbers), "fp16" or "bf16"; ``self.precision`` says which one runs. mode: "slide" (default:
+    the config's test_cfg), "overlap-tile" or "whole" (see fastunet.inference.engine). crop_size
+    / stride override the config's slide window. window_batch: windows per forward (default:
+    planned, see ``fastunet.inference.planner``). tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting.
+    fuse: fold BN into the convolutions (eval only; outputs change by float rounding).
+    channels_last: default on (faster convolutions on CPU and with fp16/bf16 on GPU). Other
+    keyword arguments go to ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device,
+    max_buffer_bytes, ...).
     Large images are normalised and aggregated band by band from the uint8 pixels; CPU memory
     is about image + labels (+ 4 bytes/pixel with return_probs) + max_buffer_bytes (1 GiB) + one
     window batch's activations.
