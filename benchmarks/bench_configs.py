@@ -7,7 +7,7 @@ The 12 published configs (FCN / PSPNet / DeepLabV3 heads x DRIVE 584x565 crop 64
 STARE 605x700 crop 128 stride 85, CHASE_DB1 960x999 crop 128 stride 85, HRF 2336x3504 crop 256
 stride 170), random weights and a random normalised image (speed does not depend on them):
 
-- reference: ``slide_inference_reference``, mmseg's loop (one window per forward, each added to
+- reference: ``fastunet.ops.tile_reference.slide_inference``, mmseg's loop (one window per forward, each added to
   the full-size logits), on the plain modules (``fused=False``, what FASTUNET_FUSED=0 runs),
   contiguous, fp32, TF32 off;
 - ours: ``InferenceEngine`` (as ``model.inference`` uses it) on the fused (``fastunet.fuse``)
@@ -35,10 +35,10 @@ import torch
 
 import _harness
 import fastunet
-from fastunet.inference import InferenceEngine
-from fastunet.inference import engine as engine_module
+from fastunet.inference import InferenceEngine, planner
+from fastunet.ops.tile_reference import slide_inference
 
-DATASETS = {  # name -> (image H, W, crop, stride), SPEC §1
+DATASETS = {  # name -> (image H, W, crop, stride), mmseg's published test settings
     "drive": (584, 565, 64, 42),
     "stare": (605, 700, 128, 85),
     "chase_db1": (960, 999, 128, 85),
@@ -117,7 +117,7 @@ def _reference(device, model, image, crop, stride, windows_per_image):
             for _ in range(1 if cuda and crop == 256 else 2):
                 _harness.sync(device)
                 start = time.perf_counter()
-                logits = model.slide_inference_reference(part, crop, stride)
+                logits = slide_inference(model.encode_decode, part, crop, stride)
                 _harness.sync(device)
                 best = min(best, time.perf_counter() - start)
     _CACHE["ref"] = dict(seconds=best if cuda else best / cols * windows_per_image,
@@ -162,7 +162,7 @@ def test_inference(benchmark, machine_peaks, device, head, dataset, mode, precis
         else:
             seconds, memory = _time_windows(benchmark, engine, image, plan, info)
             derived = True
-        info["window_batch"] = engine.last_schedule["window_batch"]
+        info["window_batch"] = engine.last_schedule.window_batch
         out = engine(ref["part"])  # the image (part) the reference ran on
         expected = ref["logits"]
         if mode == "slide" and precision == "fp32":  # exact: the reference's logits
@@ -212,9 +212,12 @@ def _memory(device, *spans):
 
 def _batch_part(engine, image, plan):
     """(top-left part of the image, its windows, description): as many slide windows as the
-    engine batches at once on the CPU for the whole image."""
+    engine batches at once on the CPU for the whole image (its planner's batch)."""
     crop, stride = plan.y.window, plan.y.stride
-    batch = max(1, min(engine_module.CPU_BATCH_PIXELS // (crop * crop), plan.windows_per_image))
+    engine(image[:, :, :crop, :crop])  # the probe: what a window of this model costs
+    footprint = next(iter(engine._probes.values()))
+    batch = planner.cpu_batch(footprint, planner.last_level_cache_bytes())
+    batch = max(1, min(batch, plan.windows_per_image))
     cols = min(batch, plan.x.count)
     rows = min(math.ceil(batch / cols), plan.y.count)
     part = _subset(image, crop, stride, rows, cols)

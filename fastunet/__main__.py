@@ -29,6 +29,11 @@ def describe():
                      "using pure-PyTorch reference ops")
     ops = sorted(n for n in dir(torch.ops.fastunet) if not n.startswith("_") and n != "name")
     lines.append(f"ops: {', '.join('torch.ops.fastunet.' + o for o in ops) or 'none registered'}")
+    from fastunet.inference import cpu_has_native_bf16
+    lines.append("CPU inference precision: "
+                 + ("fp32, and bf16 natively (AVX512-BF16/AMX): predict and Predictor default "
+                    "to bf16, --precision fp32 for mmseg's exact numbers" if cpu_has_native_bf16()
+                    else "fp32 (no native bf16 on this CPU: bf16 would be emulated, slower)"))
     gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
            if torch.cuda.is_available() else "none visible")
     lines.append(f"GPU: {gpu}; CPU threads: {torch.get_num_threads()}")

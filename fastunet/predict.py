@@ -110,9 +110,11 @@ def build_parser():
     p.add_argument("--no-overlay", action="store_true", help="do not write NAME_overlay.png")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="compute precision of the network (fp16/bf16 use autocast; they are "
-                        "fast on GPUs, bf16 also on recent CPUs); default fp32")
+    p.add_argument("--precision", choices=("auto",) + tuple(PRECISIONS), default="auto",
+                   help="compute precision of the network (fp16/bf16 use autocast, the "
+                        "averaging stays fp32). auto (default): bf16 on CPUs with native bf16 "
+                        "(AVX512-BF16 or AMX), else fp32; fp32 reproduces mmseg's numbers "
+                        "exactly")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="slide: the config's overlapping windows, averaged (exactly as mmseg, "
                         "the published numbers); overlap-tile: large reflect-padded tiles with a "
@@ -123,7 +125,8 @@ def build_parser():
                         "or both-ways (hv) flipped windows and average (2x / 4x the work); "
                         "default none")
     p.add_argument("--window-batch", type=int, default=None, metavar="N",
-                   help="windows per forward pass (default: sized from free memory)")
+                   help="windows per forward pass (default: planned for the device: the CPU's "
+                        "cache, the GPU's free memory)")
     p.add_argument("--gaussian", action="store_true",
                    help="weight window pixels by a Gaussian (sigma = window/8) instead of the "
                         "plain average (slide / overlap-tile)")

@@ -48,6 +48,10 @@ def build_parser():
                         "data_root; none for synthetic, which generates its images)")
     p.add_argument("--mode", choices=TEST_MODES,
                    help="inference mode (default: the config's; slide for published configs)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="compute precision of the network: fp32 (default; mmseg's published "
+                        "numbers are fp32), bf16/fp16 (autocast; averaging stays fp32) or auto "
+                        "(bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--fov", action="store_true",
                    help="score only pixels inside the field-of-view masks")
     p.add_argument("--tta", choices=("none", "h", "v", "hv"), default="none",
@@ -86,6 +90,7 @@ def main(argv=None):
 
 def run_test(args):
     """Evaluate as ``args`` say; prints the tables and returns the metrics dict."""
+    from .inference import resolve_precision
     from .models import build_segmentor, load_checkpoint
     from .training import cli, data as tdata, distributed
     from .training.evaluation import evaluate
@@ -121,13 +126,15 @@ def run_test(args):
     model.to(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and GPU (cuDNN)
     mode = args.mode or model.test_cfg.get("mode", "whole")
     tta = None if args.tta == "none" else args.tta
+    precision = resolve_precision(args.precision, dist_info.device)
     if dist_info.is_main:
         it = meta.get("iteration", meta.get("iter"))
         print(f"fastunet.test: {cfg['name']} | checkpoint {args.checkpoint}"
               + (f" (iteration {it})" if it is not None else "")
               + f" | {len(val_set)} validation images | mode {mode}"
               + (f" | TTA {tta}" if tta else "") + (" | FOV only" if args.fov else "")
-              + f" | device {dist_info.device}",
+              + f" | device {dist_info.device}"
+              + (f" | precision {precision}" if precision != "fp32" else ""),
               flush=True)
     progress = None
     if dist_info.is_main and sys.stderr.isatty():
@@ -135,10 +142,12 @@ def run_test(args):
         bar = tqdm(total=-(-len(val_set) // dist_info.world_size), unit="img", leave=False)
         progress = lambda done, total: bar.update(done - bar.n)
     try:
-        metric, seconds = evaluate(model, val_set, dist_info.device, mode=args.mode,
-                                   use_fov=args.fov, rank=dist_info.rank,
-                                   world_size=dist_info.world_size,
-                                   save_dir=args.save_predictions, progress=progress, tta=tta)
+        with torch.inference_mode():
+            metric, seconds = evaluate(model, val_set, dist_info.device, mode=args.mode,
+                                       use_fov=args.fov, rank=dist_info.rank,
+                                       world_size=dist_info.world_size,
+                                       save_dir=args.save_predictions, progress=progress,
+                                       tta=tta, precision=precision)
     except ValueError as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
     metrics = metric.compute()
@@ -158,8 +167,8 @@ def run_test(args):
             print(f"predictions: {args.save_predictions}")
         if args.json:
             record = {"config": cfg["name"], "checkpoint": os.path.abspath(args.checkpoint),
-                      "mode": mode, "tta": tta, "fov": bool(args.fov),
-                      "num_images": len(val_set),
+                      "mode": mode, "tta": tta, "precision": precision,
+                      "fov": bool(args.fov), "num_images": len(val_set),
                       # AUC from a histogram: its largest possible error, in the same unit
                       "vessel_auc_max_error": metric.auc_error_bound(),
                       "seconds": seconds, "device": str(dist_info.device),

@@ -113,8 +113,8 @@ def _child(size, mode, standin, probs, cap_mib):
     print(json.dumps({"peak": peak, "activations": activations, "seconds": seconds,
                       "outputs": size * size * (5 if probs else 1), "input": rgb.nbytes,
                       "pixels": size * size, "cap": cap_mib * MiB,
-                      "one_row": per_row + overhang, "buffer_bytes": sched["buffer_bytes"],
-                      "band_rows": sched["band_rows"], "window_rows": sched["window_rows"]}))
+                      "one_row": per_row + overhang, "buffer_bytes": sched.buffer_bytes,
+                      "band_rows": sched.band_rows, "window_rows": sched.window_rows}))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from fastunet import ops
 from fastunet.inference import engine as eng
 from fastunet.inference import geometry
-from fastunet.inference import InferenceEngine, infer, reference_slide_inference
+from fastunet.inference import InferenceEngine, infer
+from fastunet.inference import planner
 from fastunet.ops import tile_reference as ref
+from fastunet.ops.tile_reference import slide_inference as reference_slide_inference
 
 
 class TinyNet(torch.nn.Module):
@@ -31,15 +33,12 @@ class TinyNet(torch.nn.Module):
 
 
 def spec_slide(fn, x, crop, stride):
-    """SPEC §1 with slice-adds (bitwise the same as mmseg's pad-and-add, much faster); the
+    """mmseg's loop with slice-adds (bitwise the same as its pad-and-add, much faster); the
     crops go through fn in one batch, as one-at-a-time forwards of a tiny net are slow here."""
     (hc, wc), (hs, ws) = crop, stride
     n, _, H, W = x.shape
-    boxes = []
-    for i in range(max(H - hc + hs - 1, 0) // hs + 1):
-        for j in range(max(W - wc + ws - 1, 0) // ws + 1):
-            y2, x2 = min(i * hs + hc, H), min(j * ws + wc, W)
-            boxes.append((max(y2 - hc, 0), max(x2 - wc, 0), y2, x2))
+    boxes = [(y, x1, y + hc, x1 + wc) for y in ref.window_starts(H, hc, hs)
+             for x1 in ref.window_starts(W, wc, ws)]
     logits = fn(torch.cat([x[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes]))
     logits = logits.reshape(len(boxes), n, *logits.shape[1:])
     out, count = torch.zeros(n, logits.shape[2], H, W), torch.zeros(1, 1, H, W)
@@ -53,7 +52,7 @@ def close(got, expected, rtol=1e-5):
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
-# (name, H, W, crop, stride) of SPEC §1
+# (name, H, W, crop, stride) of mmseg's published configs
 DATASETS = [("drive", 584, 565, 64, 42), ("stare", 605, 700, 128, 85),
             pytest.param("hrf", 2336, 3504, 256, 170, marks=pytest.mark.slow)]
 
@@ -75,14 +74,16 @@ def test_slide_equals_spec_loop(name, H, W, crop, stride):
     net = TinyNet()
     x = torch.randn(1, 3, H, W)
     expected = spec_slide(net, x, (crop, crop), (stride, stride))
+    engine = InferenceEngine(net, "slide", crop, stride)
+    engine(x[:, :, :crop, :crop])  # the probe's calls
     net.calls.clear()
-    got = infer(net, x, "slide", crop, stride)
+    got = engine(x)
     close(got, expected)
     windows = ref.window_count(H, crop, stride) * ref.window_count(W, crop, stride) * x.shape[0]
-    batches = [c[0] for c in net.calls[1:]]  # calls[0] is the probe
-    assert len(set(batches)) == 1 and windows <= sum(batches) < windows + len(batches)
-    if crop < 256:  # on the CPU, 256x256 windows already fill a batch
-        assert len(net.calls) - 1 < windows  # batched
+    batches = [c[0] for c in net.calls]
+    # on the CPU every window runs once: no padding windows, and batch sizes differ by <= 1
+    assert sum(batches) == windows and max(batches) - min(batches) <= 1
+    assert len(batches) < windows  # batched
 
 
 def test_window_batch_sizes_agree():
@@ -115,11 +116,9 @@ def test_streams_to_cpu_when_device_memory_is_short(monkeypatch):
     full = infer(net, x, "slide", 64, 42)
     engine = InferenceEngine(net, "slide", 64, 42, memory_fraction=1.0)
     monkeypatch.setattr(eng, "_available_bytes", lambda device: 3 << 20)
-    calls = []
-    original = engine._streamed
-    monkeypatch.setattr(engine, "_streamed", lambda *a: calls.append(a[4]) or original(*a))
     close(engine(x), full, rtol=1e-6)
-    assert calls and calls[0] < ref.window_count(400, 64, 42)  # several bands
+    assert engine.last_schedule.streamed  # several bands
+    assert engine.last_schedule.band_rows < ref.window_count(400, 64, 42)
 
 
 def test_output_kinds_follow_logits():
@@ -292,20 +291,22 @@ def test_window_function_errors_are_clear():
 def test_batch_sizing_balances_the_last_batch():
     net = TinyNet()
     engine = InferenceEngine(net, "slide", 64, 42, window_batch=64)
+    engine(torch.randn(1, 3, 64, 64))  # the probe's calls
     net.calls.clear()
-    engine(torch.randn(1, 3, 584, 565))  # 182 windows: 3 batches of 61, not 64 + 64 + 54
-    assert [c[0] for c in net.calls[1:]] == [61, 61, 61]  # the last one padded
+    engine(torch.randn(1, 3, 584, 565))  # 182 windows: 61 + 61 + 60, not 64 + 64 + 54
+    assert [c[0] for c in net.calls] == [61, 61, 60]
 
 
 def test_batch_pixels_are_capped(monkeypatch):
     # large batches of large windows overflow int32 indexing in some PyTorch kernels
-    monkeypatch.setattr(eng, "MAX_BATCH_PIXELS", 3 * 64 * 64)
+    monkeypatch.setattr(planner, "MAX_BATCH_PIXELS", 3 * 64 * 64)
     net = TinyNet()
     engine = InferenceEngine(net, "slide", 64, 42, window_batch=100)
+    engine(torch.randn(1, 3, 64, 64))  # the probe's calls
     net.calls.clear()
     engine(torch.randn(1, 3, 200, 200))
-    assert engine.last_schedule["window_batch"] == 3
-    assert {c[0] for c in net.calls[1:]} == {3}
+    assert engine.last_schedule.window_batch == 3
+    assert [c[0] for c in net.calls] == [3] * 7 + [2] * 2  # 25 windows in 9 forwards
 
 
 @pytest.mark.cuda
@@ -383,29 +384,82 @@ def test_buffer_cap_streams_and_is_respected():
     engine = InferenceEngine(TinyNet(), "slide", 64, 42, max_buffer_bytes=cap)
     labels = engine(x, "labels")
     s = engine.last_schedule
-    assert 1 <= s["band_rows"] < s["window_rows"] and s["buffer_bytes"] <= cap
+    assert s.streamed and 1 <= s.band_rows < s.window_rows and s.buffer_bytes <= cap
     assert (labels != full).float().mean() < 1e-3  # only near-ties may differ
     with pytest.raises(ValueError, match="max_buffer_bytes"):
         InferenceEngine(TinyNet(), "slide", 64, 42, max_buffer_bytes=0)
 
 
-def test_cuda_window_batch_is_capped_by_activation_bytes(monkeypatch):
+def test_cuda_window_batch_is_capped_by_activation_bytes():
     """On a large GPU the batch is not sized from all free memory: one batch's activations stay
     under CUDA_MAX_ACTIVATION_BYTES, so HRF fits in 4 GB, while DRIVE's windows still share one
     batch. Planned with the per-window bytes the H100 measured (no GPU needed)."""
-    from types import SimpleNamespace
-
-    monkeypatch.setattr(eng, "_available_bytes", lambda device: 79 << 30)
-    window = SimpleNamespace(device=torch.device("cuda"), shape=(1, 3, 256, 256))
-    engine = InferenceEngine(TinyNet(), "slide", 256, 170)
-    hrf = engine.plan(2336, 3504)
-    batch, rows, _, planned = engine._schedule(window, hrf, 1, 2, per_window=78 << 20,
-                                               fixed=64 << 20)
-    assert rows == hrf.y.count  # one pass: HRF's buffers are small next to the budget
-    assert 16 <= batch and batch * (78 << 20) <= eng.CUDA_MAX_ACTIVATION_BYTES
-    assert batch * (78 << 20) + planned < 4e9
+    budget = planner.Budget(torch.device("cuda"), 0.7 * (79 << 30), None)
+    hrf_cost = planner.Footprint(2, window_bytes=78 << 20, fixed_bytes=64 << 20)
+    hrf = InferenceEngine(TinyNet(), "slide", 256, 170).plan(2336, 3504)
+    s = planner.schedule(hrf, 1, 3, hrf_cost, budget)
+    assert not s.streamed and s.pad_last_batch  # one pass: HRF's buffers are small here
+    assert 16 <= s.window_batch and s.window_batch * (78 << 20) <= planner.CUDA_MAX_ACTIVATION_BYTES
+    assert s.window_batch * (78 << 20) + s.buffer_bytes < 4e9
     drive = InferenceEngine(TinyNet(), "slide", 64, 42).plan(584, 565)
-    batch, *_ = engine._schedule(window, drive, 1, 2, per_window=5 << 20, fixed=64 << 20)
-    assert batch == drive.windows_per_image
-    pinned = InferenceEngine(TinyNet(), "slide", 256, 170, window_batch=98)
-    assert pinned._schedule(window, hrf, 1, 2, per_window=78 << 20, fixed=64 << 20)[0] == 98
+    s = planner.schedule(drive, 1, 3, planner.Footprint(2, 5 << 20, 64 << 20), budget)
+    assert s.window_batch == drive.windows_per_image
+    assert planner.schedule(hrf, 1, 3, hrf_cost, budget, window_batch=98).window_batch == 98
+
+
+def test_cpu_window_batch_follows_the_cache_and_the_weights():
+    """CPU batches: as many windows as keep the largest op in the last-level cache, or more when
+    the weights read per forward would otherwise be more than 1/CPU_FIXED_SHARE of the
+    traffic; never padded to one batch shape; evened out over the forwards."""
+    drive = InferenceEngine(TinyNet(), "slide", 64, 42).plan(584, 565)  # 182 windows
+    budget = planner.Budget(torch.device("cpu"), 8 << 30, 1 << 30, cache_bytes=32 << 20)
+    narrow = planner.Footprint(2, window_traffic=12 << 20, fixed_traffic=7 << 20,
+                               largest_op=1 << 20)
+    s = planner.schedule(drive, 1, 3, narrow, budget)
+    assert s.window_batch == 31 and not s.pad_last_batch  # 182 = 2 x 31 + 4 x 30: 6 forwards
+    wide = planner.Footprint(2, window_traffic=40 << 20, fixed_traffic=110 << 20,
+                             largest_op=4 << 20)
+    assert planner.cpu_batch(wide, 32 << 20) == 88  # 32 x 110 / 40, more than the cache's 8
+    assert planner.cpu_batch(planner.Footprint(2), 32 << 20) == 32 << 20  # unmeasured: capped
+    assert planner.schedule(drive, 1, 3, planner.Footprint(2), budget).window_batch == 182
+
+
+def test_cpu_probe_counts_the_bytes_the_window_function_moves():
+    net = TinyNet(hidden=8)
+    engine = InferenceEngine(net, "slide", 64, 42)
+    engine(torch.randn(1, 3, 100, 100))
+    cost = next(iter(engine._probes.values()))
+    # per window: conv a reads 3 and writes 8 channels, relu 8 -> 8, conv b 8 -> 2 (float32)
+    assert cost.largest_op == (8 + 8) * 64 * 64 * 4
+    assert cost.window_traffic == (3 + 8 + 8 + 8 + 8 + 2) * 64 * 64 * 4
+    assert cost.fixed_traffic == sum(p.numel() * 4 for p in net.parameters())
+
+
+def test_last_level_cache_is_read_or_assumed(monkeypatch):
+    assert planner.last_level_cache_bytes() >= 256 << 10
+    monkeypatch.setattr(planner.os, "listdir", lambda path: (_ for _ in ()).throw(OSError()))
+    monkeypatch.setattr(planner.os, "sysconf", lambda name: -1)
+    assert planner.last_level_cache_bytes() == planner.DEFAULT_CACHE_BYTES
+
+
+def test_inference_mode_keeps_folded_models_and_parameters_usable():
+    """The engine runs under inference_mode: folded layers cast in bf16 there (their cached
+    packing is keyed on the parameter, which has a version counter), and the model's
+    parameters still train afterwards."""
+    import copy
+
+    import fastunet
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1)).eval()
+    fused = fastunet.fuse(copy.deepcopy(net))
+    x = torch.randn(1, 3, 100, 90)
+    for precision in ("fp32", "bf16"):
+        out = infer(fused, x, "slide", 64, 42, precision=precision)
+        assert out.is_inference() and torch.isfinite(out).all()
+    assert not any(p.is_inference() for p in fused.parameters())
+    infer(net, x, "slide", 64, 42)
+    net.train()
+    net(x).square().mean().backward()  # parameters used under inference mode still train
+    assert net[0].weight.grad is not None

@@ -7,7 +7,8 @@ import torch
 
 import fastunet
 from fastunet.data.io import ImageConversionWarning, write_png
-from fastunet.inference import Predictor, reference_slide_inference
+from fastunet.inference import Predictor
+from fastunet.ops.tile_reference import slide_inference
 
 CONFIG = "synthetic"
 
@@ -40,13 +41,13 @@ def reference_logits(model, rgb):
     std = torch.tensor(cfg["data"]["std"]).view(1, 3, 1, 1)
     x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() - mean) / std
     test_cfg = cfg["model"]["test_cfg"]
-    return reference_slide_inference(model.encode_decode, x, test_cfg["crop_size"],
-                                      test_cfg["stride"])
+    return slide_inference(model.encode_decode, x, test_cfg["crop_size"], test_cfg["stride"])
 
 
 def test_predict_matches_the_reference_slide(checkpoint, image):
     path, model = checkpoint
-    predictor = Predictor(CONFIG, path, device="cpu", fuse=False, channels_last=False)
+    predictor = Predictor(CONFIG, path, device="cpu", precision="fp32", fuse=False,
+                          channels_last=False)
     labels, probs = predictor.predict(image, return_probs=True)
     logits = reference_logits(model, image)
     assert labels.dtype == np.uint8 and labels.shape == image.shape[:2]
@@ -60,7 +61,8 @@ def test_predict_matches_the_reference_slide(checkpoint, image):
 
 def test_fused_channels_last_default_agrees(checkpoint, image):
     path, model = checkpoint
-    probs = Predictor(CONFIG, path, device="cpu").predict(image, return_probs=True)[1]
+    probs = Predictor(CONFIG, path, device="cpu", precision="fp32").predict(
+        image, return_probs=True)[1]
     expected = reference_logits(model, image).softmax(1)[0, 1].numpy()
     np.testing.assert_allclose(probs, expected, rtol=1e-3, atol=1e-4)
 
@@ -116,6 +118,20 @@ def test_other_modes(checkpoint, image, mode):
                           margin=8)
     labels = predictor.predict(image)
     assert labels.shape == image.shape[:2] and set(np.unique(labels)) <= {0, 1}
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_it(checkpoint, image, monkeypatch):
+    from fastunet.inference import engine
+
+    auto = Predictor(CONFIG, checkpoint[0], device="cpu")
+    assert auto.precision == ("bf16" if engine.cpu_has_native_bf16() else "fp32")
+    assert auto.engine.precision == auto.precision
+    exact = Predictor(CONFIG, checkpoint[0], device="cpu", precision="fp32")
+    low = Predictor(CONFIG, checkpoint[0], device="cpu", precision="bf16")
+    assert (low.predict(image) == exact.predict(image)).mean() > 0.98  # near-ties may flip
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert Predictor(CONFIG, checkpoint[0], device="cpu").precision == "fp32"
+    assert engine.resolve_precision("auto", "cuda") == "fp32"  # CUDA keeps fp32 by default
 
 
 def test_bad_arguments(checkpoint):

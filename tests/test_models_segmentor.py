@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastunet
 from fastunet.models import apply_overrides, build_segmentor, get_config, list_configs
-from fastunet.ops import window_starts
+from fastunet.ops.tile_reference import slide_inference
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 HEAD_OF = {"fcn": "FCNHead", "pspnet": "PSPHead", "deeplabv3": "ASPPHead"}
@@ -75,32 +75,18 @@ def test_encode_decode_and_forward():
         assert len(feats) == 5 and feats[4].shape[1] == 4
 
 
-def naive_slide(model, x, crop, stride):
-    """Independent slide: window grid from fastunet.ops, crops shrunk to the image like mmseg."""
-    _, _, h, w = x.shape
-    ch, cw = min(crop[0], h), min(crop[1], w)
-    total = torch.zeros(x.shape[0], 2, h, w)
-    count = torch.zeros(h, w)
-    for y in window_starts(h, ch, stride[0]):
-        for x0 in window_starts(w, cw, stride[1]):
-            logits = model.encode_decode(x[:, :, y:y + ch, x0:x0 + cw])
-            total += F.pad(logits, (x0, w - x0 - cw, y, h - y - ch))
-            count[y:y + ch, x0:x0 + cw] += 1
-    assert count.min() >= 1
-    return total / count
-
-
 @pytest.mark.parametrize("size, crop, stride", [((97, 131), (64, 64), (42, 42)),
                                                 ((48, 32), (64, 64), (42, 42)),
                                                 ((16, 80), (32, 32), (21, 21)),
                                                 ((64, 64), (64, 64), (42, 42)),
                                                 ((96, 80), (48, 32), (16, 32))])
-def test_slide_inference_matches_a_naive_loop(size, crop, stride):
+def test_slide_inference_matches_mmseg_loop(size, crop, stride):
     model = tiny(crop_size=crop, stride=stride).eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         out = model.inference(x)
-        torch.testing.assert_close(out, naive_slide(model, x, crop, stride), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, slide_inference(model.encode_decode, x, crop, stride),
+                                   rtol=1e-5, atol=1e-6)
     assert out.shape == (2, 2, *size)
 
 
@@ -219,7 +205,7 @@ def test_cuda_graph_inference_sees_weights_trained_after_capture():
     sgd.step()
     model.eval()
     with torch.no_grad():
-        expected = model.slide_inference_reference(x, 64, 42)
+        expected = slide_inference(model.encode_decode, x, 64, 42)
     torch.testing.assert_close(model.inference(x, cuda_graphs=True), expected, rtol=1e-4, atol=1e-4)
 
 

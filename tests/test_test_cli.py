@@ -30,7 +30,7 @@ def drive_root(tmp_path_factory):
                            num_validation=3, size=(96, 96))
 
 
-def _expected(root, use_fov, mode="slide", tta=None):
+def _expected(root, use_fov, mode="slide", tta=None, precision="fp32"):
     model = fastunet.build_segmentor(fastunet.models.apply_overrides(
         fastunet.get_config(MMSEG_CONFIG), MMSEG_OVERRIDES))
     fastunet.load_checkpoint(model, MMSEG_CKPT)
@@ -38,7 +38,8 @@ def _expected(root, use_fov, mode="slide", tta=None):
     metric, preds = SegMetric(), {}
     with torch.no_grad():
         for item in build_dataset("drive", root, "validation"):
-            logits = model.inference(normalize(item["img"])[None], tta=tta)
+            logits = model.inference(normalize(item["img"])[None], tta=tta,
+                                     precision=precision)
             pred = logits.argmax(1)[0].numpy()
             preds[item["name"]] = pred
             metric.update(pred, item["label"], fov=item["fov"] if use_fov else None,
@@ -60,6 +61,7 @@ def test_mmseg_checkpoint_scores_as_computed_by_hand(drive_root, tmp_path, capsy
     expected, preds = _expected(drive_root, use_fov)
     assert json.dumps(record["metrics"]) == json.dumps(expected)
     assert record["fov"] is use_fov and record["num_images"] == 3 and record["mode"] == "slide"
+    assert record["precision"] == "fp32"  # the published numbers' precision, unless asked
     for name, pred in preds.items():  # predictions as vessel 255 / background 0 PNGs
         saved = np.asarray(Image.open(pred_dir / f"{name}.png"))
         assert np.array_equal(saved, (pred == 1).astype(np.uint8) * 255)
@@ -105,6 +107,18 @@ def test_grayscale_images_warn_once(drive_root, tmp_path, capsys):
     assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
                           drive_root, "--cfg-options", *MMSEG_OVERRIDES]) == 0
     assert "grayscale" not in capsys.readouterr().err
+
+
+def test_precision_bf16_scores_the_bf16_predictions(drive_root, tmp_path, capsys):
+    out_json = tmp_path / "b.json"
+    assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
+                          drive_root, "--precision", "bf16", "--json", str(out_json),
+                          "--cfg-options", *MMSEG_OVERRIDES]) == 0
+    assert "precision bf16" in capsys.readouterr().out
+    record = json.loads(out_json.read_text())
+    assert record["precision"] == "bf16"
+    expected, _ = _expected(drive_root, False, precision="bf16")
+    assert json.dumps(record["metrics"]) == json.dumps(expected)
 
 
 def test_mode_whole(drive_root, tmp_path):

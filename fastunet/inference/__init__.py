@@ -1,10 +1,12 @@
 """Large-image inference: the model-agnostic window engine and the Predictor built on it."""
 import importlib
 
-from .engine import MODES, PRECISIONS, InferenceEngine, TilePlan, infer, reference_slide_inference
+from .engine import (MODES, PRECISIONS, InferenceEngine, TilePlan, cpu_has_native_bf16, infer,
+                     resolve_precision)
+from .planner import Schedule
 
-__all__ = ["MODES", "PRECISIONS", "InferenceEngine", "Predictor", "TilePlan", "infer",
-           "reference_slide_inference"]
+__all__ = ["MODES", "PRECISIONS", "InferenceEngine", "Predictor", "Schedule", "TilePlan",
+           "cpu_has_native_bf16", "infer", "resolve_precision"]
 
 
 def __getattr__(name):

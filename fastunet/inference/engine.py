@@ -7,9 +7,10 @@
 ``window_fn`` maps a batch of normalised windows (B, 3, h, w) to logits (B, C, h, w); the
 engine imports no model. Modes (``TilePlan`` gives the exact geometry of each):
 
-- ``slide`` (default): SPEC §1 / mmseg exactly: the same window positions, the uniform average
-  of the window logits. Windows are cut with ``tile_extract``, run ``window_batch`` at a time,
-  and averaged by one ``tile_aggregate`` (softmax/argmax fused when asked for).
+- ``slide`` (default): mmseg's slide inference exactly (``ops.tile_reference.slide_inference``
+  is that loop): the same window positions, the uniform average of the window logits. Windows
+  are cut with ``tile_extract``, run ``window_batch`` at a time, and averaged by one
+  ``tile_aggregate`` (softmax/argmax fused when asked for).
 - ``overlap-tile``: the original U-Net strategy: the image is reflect-padded by ``margin`` and cut
   into large tiles (``tile_size``, a multiple of 16) whose outputs are cropped by ``margin`` on
   every side, so each output pixel is predicted with at least ``margin`` pixels of context.
@@ -22,11 +23,15 @@ the bottom/right to the next multiple of 16 and crops the result back. mmseg rai
 exactly these cases (and in ``whole`` on sizes not a multiple of 16), so everywhere mmseg runs,
 ``slide`` and ``whole`` match it.
 
-The first call for a window shape runs fn on one and two probe windows (classes, output shape
-and, on CUDA, activation memory per window, for which it resets the device's peak-memory
-statistics); later calls reuse that. Inference runs under ``torch.no_grad()``; call it with the
-model in eval mode, as mmseg does (windows share batches here, so BN in training mode would not
-behave as in one-window forwards).
+A call reads like MONAI's ``sliding_window_inference``: plan (the window geometry, a
+``TilePlan``; then a ``Schedule`` from ``planner.schedule``: windows per forward, bands, output
+device), run the windows in batches, aggregate, crop. The first call for a window shape runs fn
+on one and two probe windows (classes, output shape, and what a window costs: on CUDA its
+activation memory, for which it resets the device's peak-memory statistics; on the CPU the bytes
+its ops move, which size the batches for the caches); later calls reuse that. Inference runs
+under ``torch.inference_mode()`` (with cuDNN autotuning on CUDA, outside deterministic mode);
+call it with the model in eval mode, as mmseg does (windows share batches here, so BN in
+training mode would not behave as in one-window forwards).
 
 When the working buffers of a whole image (its windows, their logits, the float aggregate) do not
 fit in free memory, or on the CPU exceed ``max_buffer_bytes`` (default 1 GiB), window rows are
@@ -37,43 +42,63 @@ and written straight into the requested outputs (uint8 labels, float probabiliti
 when the device is short). Same result up to float rounding; memory is about the input + the
 outputs + max(max_buffer_bytes, one window row's buffers) + one window batch's activations.
 """
+import contextlib
+import functools
 import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops, runtime
-from .geometry import (AxisPlan, TilePlan, band_bytes, coverage, input_rows, overlap_axis,
-                       pad, pair, slide_axis, whole_axis)
+from .geometry import (AxisPlan, TilePlan, axis_coverage, input_rows, overlap_axis, pad, pair,
+                       slide_axis, whole_axis)
 from .outputs import finish, normalizer
+from .planner import (Budget, Footprint, Schedule, TrafficCounter, cpu_traffic,
+                      last_level_cache_bytes, schedule)
 
 MODES = ("slide", "overlap-tile", "whole")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 OUTPUTS = {"logits": "none", "probs": "softmax", "labels": "argmax"}
 TTA_FLIPS = {"h": ((-1,),), "v": ((-2,),), "hv": ((-1,), (-2,), (-2, -1))}
 
-# CPU: windows per forward so that a batch holds about this many pixels; measured on 2 cores
-# with UNet-S5-D16 (benchmarks/bench_inference.py): larger batches stop paying before this.
-CPU_BATCH_PIXELS = 1 << 16
-MAX_WINDOW_BATCH = 1024
-# Any device: at most this many pixels per forward, so that activations of up to 256 channels
-# stay under 2**31 elements (PyTorch's channels-last upsampling, for one, refuses more; seen on
-# an H100 with 294 HRF windows of 256x256 in one batch).
-MAX_BATCH_PIXELS = 1 << 23
 # CPU: the most bytes the working buffers of one pass (cut-out windows, their logits, the
 # aggregate and a normalised copy of the input) may take; larger images stream in bands of
 # window rows, so CPU memory stays at about input + outputs + this + one window batch's
 # activations, whatever the image size (see InferenceEngine, max_buffer_bytes).
 CPU_MAX_BUFFER_BYTES = 1 << 30
-# CUDA: the most bytes one window batch's activations may take unless window_batch says
-# otherwise. Larger batches stop paying long before: on an H100, HRF's 256x256 bf16 windows take
-# about 78 MB each (8.09 GiB peak at 98 windows per batch), so 2 GiB keeps HRF inference under
-# 4 GB (issue 5) with batches of about 27 windows (1.8 M pixels per forward); DRIVE's 182 windows
-# of 64x64 still fit in one batch. benchmarks/bench_inference.py sweeps the batch to check it.
-CUDA_MAX_ACTIVATION_BYTES = 2 << 30
 # CUDA graphs kept at once (each holds the activation memory of its batch shape)
 MAX_CUDA_GRAPHS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so that bf16 inference is
+    faster than fp32 rather than emulated."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(cpu, probe)():
+                return torch.backends.mkldnn.is_available()
+        except (AttributeError, RuntimeError):
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
+
+
+def resolve_precision(precision, device):
+    """A concrete precision for ``device``: "auto" is "bf16" on a CPU with native bf16 (see
+    ``cpu_has_native_bf16``), else "fp32"; any other name is checked and returned."""
+    if precision == "auto":
+        cpu = torch.device(device).type == "cpu"
+        return "bf16" if cpu and cpu_has_native_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got "
+                         f"{precision!r}")
+    return precision
 
 
 def _available_bytes(device):
@@ -101,6 +126,21 @@ def _deterministic_bytes(device):
         total = torch.cuda.get_device_properties(device).total_memory
         return total - torch.cuda.memory_allocated(device)
     return float("inf")
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(device):
+    """cuDNN benchmarks its algorithms for the engine's few fixed window shapes (restored after;
+    left off in deterministic mode, which needs the same algorithm every run)."""
+    if device.type != "cuda" or runtime.is_deterministic():
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 class _GraphedCall:
@@ -132,10 +172,12 @@ class InferenceEngine:
     crop_size, stride: slide window and step (int or (h, w)); required for mode="slide".
     tile_size, margin: overlap-tile input tile (a multiple of size_divisor) and context margin.
     size_divisor: what the model's input extents must be a multiple of (16 for UNet-S5-D16).
-    window_batch: windows per forward; None sizes it from free memory (CUDA: bytes per window
-        measured with two probe forwards, one batch's activations at most
-        CUDA_MAX_ACTIVATION_BYTES = 2 GiB; CPU: about CPU_BATCH_PIXELS pixels per batch).
-    precision: "fp32", "fp16" or "bf16" (autocast around fn); the aggregation runs in float32.
+    window_batch: windows per forward; None plans it (``planner``: on CUDA from free memory and
+        the activation bytes per window measured by two probe forwards, one batch's activations
+        at most CUDA_MAX_ACTIVATION_BYTES; on the CPU for the last-level cache and the weights'
+        share of the memory traffic).
+    precision: "fp32", "fp16" or "bf16" (autocast around fn), or "auto" (``resolve_precision``:
+        bf16 on CPUs with native bf16, else fp32); the aggregation runs in float32.
     channels_last: hand fn channels-last windows (convert the model too, for speed).
     gaussian: weight each window's pixels by ``ops.gaussian_weight`` (sigma = window/8) instead
         of the uniform average (slide / overlap-tile; changes results, off by default).
@@ -177,8 +219,8 @@ class InferenceEngine:
             raise TypeError(f"fn must be a callable mapping windows to logits, got {type(fn)}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if precision != "auto":
+            resolve_precision(precision, "cpu")  # ValueError for an unknown name
         self.mode = mode
         self.size_divisor = int(size_divisor) if size_divisor else 1
         if mode == "slide":
@@ -220,13 +262,14 @@ class InferenceEngine:
         if max_buffer_bytes is not None and int(max_buffer_bytes) < 1:
             raise ValueError(f"max_buffer_bytes must be positive (or None), got {max_buffer_bytes}")
         self.max_buffer_bytes = None if max_buffer_bytes is None else int(max_buffer_bytes)
+        self._plain_fn = fn  # what the CPU probe counts (a compiled fn hides its ops)
         self.fn = torch.compile(fn, dynamic=False) if compile else fn
-        self._probes = {}   # (device, window, dtype) -> (classes, bytes per window, fixed bytes)
+        self._probes = {}   # (device, window, dtype, channels) -> planner.Footprint
         self._graphs = {}   # (device, batch shape, dtype) -> _GraphedCall, LRU order
         self._shapes_seen = set()
         self.state_version = state_version
         self._graph_version = None  # state_version() when the kept graphs were captured
-        self.last_schedule = None  # what the last call chose: window batch, bands, output device
+        self.last_schedule = None  # the planner.Schedule of the last call
         self._out_buffers = {}  # (shape, dtype, device) -> the CPU aggregate reused across calls
 
     # ------------------------------------------------------------------ geometry
@@ -244,18 +287,20 @@ class InferenceEngine:
         return TilePlan("overlap-tile", y, x, "reflect")
 
     # ------------------------------------------------------------------ running fn
-    def _call(self, windows):
-        """fn on one batch of windows, with layout, precision and flip TTA applied."""
+    def _call(self, windows, fn=None):
+        """fn (default: the engine's) on one batch of windows, with layout, precision and flip
+        TTA applied."""
+        fn = self.fn if fn is None else fn
         if self.channels_last:
             windows = windows.contiguous(memory_format=torch.channels_last)
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[resolve_precision(self.precision, windows.device)]
         with torch.autocast(windows.device.type, dtype=dtype or torch.float32,
                             enabled=dtype is not None, cache_enabled=False):
             if self.tta is None:
-                return self.fn(windows)
+                return fn(windows)
             flips = TTA_FLIPS[self.tta]
             batch = torch.cat([windows] + [windows.flip(dims) for dims in flips])
-            outs = self.fn(batch).float().chunk(len(flips) + 1)
+            outs = fn(batch).float().chunk(len(flips) + 1)
             total = outs[0].clone()
             for out, dims in zip(outs[1:], flips):
                 total += out.flip(dims)
@@ -290,120 +335,91 @@ class InferenceEngine:
         return graphed(windows)
 
     def _probe(self, one, plan):
-        """Classes, and on CUDA the activation memory of fn per window (two probe forwards).
-        ``one``: a (1, C, window h, window w) normalised window."""
-        th, tw = plan.y.window, plan.x.window
-        x = one
-        key = (x.device, th, tw, x.dtype, x.shape[1])
-        if key in self._probes:
-            return self._probes[key]
-        cuda = x.is_cuda
-        peaks = []
-        for b in ((1, 2) if cuda else (1,)):
+        """The Footprint of fn for this window shape (measured once, then remembered).
+        ``one``: a (1, C, window h, window w) normalised window. CUDA: activation memory per
+        window and fixed, from the peak memory of a one- and a two-window forward. CPU: the
+        bytes each op moves in the same two forwards (``planner.TrafficCounter``)."""
+        key = (one.device, plan.y.window, plan.x.window, one.dtype, one.shape[1])
+        if key not in self._probes:
+            cuda = one.is_cuda
+            measured = []
+            if not cuda:  # fills fn's caches (folded, packed weights) outside the counts
+                self._call(one)
+            for b in (1, 2):
+                windows = one.expand(b, -1, -1, -1).contiguous()
+                if cuda:
+                    torch.cuda.synchronize(one.device)
+                    torch.cuda.reset_peak_memory_stats(one.device)
+                    base = torch.cuda.memory_allocated(one.device)
+                    out = self._call(windows)
+                    measured.append(torch.cuda.max_memory_allocated(one.device) - base)
+                else:
+                    out, ops_bytes = self._counted_call(windows)
+                    measured.append(ops_bytes)
+                classes = self._check_window_output(out, b, plan)
+                del out
             if cuda:
-                torch.cuda.synchronize(x.device)
-                torch.cuda.reset_peak_memory_stats(x.device)
-                base = torch.cuda.memory_allocated(x.device)
-            out = self._call(one.expand(b, -1, -1, -1).contiguous())
-            if cuda:
-                peaks.append(torch.cuda.max_memory_allocated(x.device) - base)
-            if not (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] == b
-                    and tuple(out.shape[2:]) == (th, tw)):
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"the window function must return logits of shape "
-                                 f"({b}, C, {th}, {tw}) for {b} windows of {th}x{tw}; got {got} "
-                                 f"(resize to the window inside it, as encode_decode does)")
-            classes = out.shape[1]
-            del out
-        if cuda:
-            per_window = max(peaks[1] - peaks[0], 1)
-            fixed = max(peaks[0] - per_window, 0)
-        else:  # not measurable on the CPU allocator; only the pixel budget is used there
-            per_window, fixed = 0, 0
-        self._probes[key] = (classes, per_window, fixed)
+                per_window = max(measured[1] - measured[0], 1)
+                footprint = Footprint(classes, window_bytes=per_window,
+                                      fixed_bytes=max(measured[0] - per_window, 0))
+            else:
+                traffic, fixed, largest = cpu_traffic(*measured)
+                footprint = Footprint(classes, window_traffic=traffic, fixed_traffic=fixed,
+                                      largest_op=largest)
+            self._probes[key] = footprint
         return self._probes[key]
 
-    # ------------------------------------------------------------------ memory planning
-    def _schedule(self, x, plan, batch_images, classes, per_window, fixed, out_bytes=None,
-                  input_copy=True):
-        """(window batch, window rows per band, output device, planned buffer bytes) for this
-        image batch.
+    def _counted_call(self, windows):
+        """(fn's output, bytes per op) for one CPU forward; no counts where fn cannot run under
+        a Python dispatch mode (the planner then batches up to its caps)."""
+        counter = TrafficCounter()
+        try:
+            with counter:
+                out = self._call(windows, self._plain_fn)
+            return out, counter.ops
+        except Exception:  # a window function a Python dispatch mode cannot trace
+            return self._call(windows), []
 
-        x: a normalised window (device, channels, dtype); out_bytes: the final outputs' bytes
-        (default: float logits); input_copy: whether one pass makes a normalised/padded copy of
-        the whole input."""
-        device = x.device
-        n = batch_images
-        total_windows = n * plan.windows_per_image
-        budget = self.memory_fraction * _available_bytes(device)
-        if runtime.is_deterministic():
-            # a plan that does not depend on what happens to be free: the same windows in the
-            # same batches (cuDNN picks algorithms per batch shape) and the same bands
-            budget = self.memory_fraction * _deterministic_bytes(device)
+    @staticmethod
+    def _check_window_output(out, b, plan):
+        """The number of classes of fn's output for b windows; ValueError if its shape is off."""
+        th, tw = plan.y.window, plan.x.window
+        if not (isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] == b
+                and tuple(out.shape[2:]) == (th, tw)):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the window function must return logits of shape ({b}, C, {th}, "
+                             f"{tw}) for {b} windows of {th}x{tw}; got {got} (resize to the "
+                             f"window inside it, as encode_decode does)")
+        return out.shape[1]
+
+    def _budget(self, device):
+        """The memory this call may plan with (fixed sizes in deterministic mode: a plan that
+        does not depend on what happens to be free, so the same windows go into the same
+        batches, for which cuDNN picks its algorithms, and the same bands)."""
+        free = (_deterministic_bytes(device) if runtime.is_deterministic()
+                else _available_bytes(device))
         cap = self.max_buffer_bytes
         if cap is None and device.type != "cuda":
             cap = CPU_MAX_BUFFER_BYTES
-        per_row, overhang = band_bytes(plan, n, x.shape[1], classes)
-        agg_bytes = n * classes * plan.y.canvas * plan.x.canvas * 4
-        if out_bytes is None:
-            out_bytes = agg_bytes
-        all_rows = plan.y.count
-        out_dev = self.output_device
-        # one pass: the input copy, all windows and their logits, the float aggregate
-        padded_w = plan.x.size + plan.x.pad_before + plan.x.pad_after
-        padded_h = plan.y.size + plan.y.pad_before + plan.y.pad_after
-        in_bytes = n * x.shape[1] * padded_h * padded_w * 4 * 2 if input_copy else 0
-        window_bytes = total_windows * (x.shape[1] * plan.y.window * plan.x.window
-                                        + classes * plan.y.tile * plan.x.tile) * 4
-        buffers = in_bytes + window_bytes + agg_bytes
-        # Activations get what the buffers leave, but at least half of the budget.
-        act_budget = max(budget - buffers, budget / 2) if device.type == "cuda" else 0
-        if self.window_batch is not None:
-            batch = self.window_batch
-        elif device.type == "cuda":
-            act_budget = min(act_budget, fixed + CUDA_MAX_ACTIVATION_BYTES)
-            batch = int((act_budget - fixed) // per_window) if act_budget > fixed else 1
-        else:
-            batch = CPU_BATCH_PIXELS // (plan.y.window * plan.x.window)
-        batch = min(batch, MAX_BATCH_PIXELS // (plan.y.window * plan.x.window))
-        batch = max(1, min(batch, total_windows, MAX_WINDOW_BATCH))
-        batch = -(-total_windows // -(-total_windows // batch))  # balance: no tiny last batch
-        if device.type == "cuda":
-            budget -= fixed + batch * per_window
-        limit = budget if cap is None else min(budget, cap)
-        if self.band_rows is not None:
-            rows = self.band_rows
-        elif buffers + (out_bytes if device.type == "cuda" else 0) <= limit:
-            rows = all_rows
-        else:
-            if out_dev is None:
-                out_dev = (device if device.type != "cuda" or out_bytes <= budget / 2
-                           else torch.device("cpu"))
-            left = limit - overhang - (out_bytes if out_dev == device and device.type == "cuda"
-                                       else 0)
-            rows = max(1, int(left // per_row))
-            rows = min(rows, all_rows - 1) if all_rows > 1 else rows
-        rows = min(rows, all_rows)
-        planned = buffers if rows >= all_rows else overhang + rows * per_row
-        return batch, rows, out_dev or device, planned
+        cache = last_level_cache_bytes() if device.type == "cpu" else 0
+        return Budget(device, self.memory_fraction * free, cap, cache)
 
     # ------------------------------------------------------------------ the pipeline
-    def _window_logits(self, windows, plan, classes, batch):
+    def _window_logits(self, windows, plan, classes, sched):
         """fn over all windows in batches -> (T, C, tile_h, tile_w) float32 (margins cropped)."""
-        total = windows.shape[0]
+        total, batch = windows.shape[0], sched.window_batch
         m_y, m_x, th, tw = plan.y.margin, plan.x.margin, plan.y.tile, plan.x.tile
         logits = torch.empty((total, classes, th, tw), device=windows.device, dtype=torch.float32)
-        for k in range(0, total, batch):
-            chunk = windows[k:k + batch]
-            # Every forward gets the same batch shape (the last one padded, wasting fewer
-            # windows than there are batches): oneDNN and cuDNN then plan one shape, and a
-            # CUDA graph can replay it.
-            if chunk.shape[0] < batch:
+        for k, size in _batches(total, batch, sched.pad_last_batch):
+            chunk = windows[k:k + size]
+            if size < batch and sched.pad_last_batch:
+                # the same batch shape for every forward: a CUDA graph replays it, cuDNN plans it
                 pad = chunk.new_zeros((batch - chunk.shape[0],) + tuple(chunk.shape[1:]))
                 out = self._batch_call(torch.cat([chunk, pad]))[:chunk.shape[0]]
             else:
                 out = self._batch_call(chunk)
             logits[k:k + chunk.shape[0]].copy_(out[:, :, m_y:m_y + th, m_x:m_x + tw])
+            del out
         return logits
 
     def __call__(self, images, output="logits", *, normalize=None, prob_class=None):
@@ -414,27 +430,18 @@ class InferenceEngine:
         ``normalize=(mean, std)``, normalised band by band, so no float copy of a large image is
         ever made. output: one kind, or a tuple of kinds (returns a tuple, from one run).
         prob_class: with "probs", return only that class's probability (N, H, W).
+        Runs under ``torch.inference_mode()``: the results are inference tensors (no autograd
+        history; clone them to modify them in place outside inference mode).
         """
-        outputs = (output,) if isinstance(output, str) else tuple(output)
-        if not outputs or any(not isinstance(o, str) or o not in OUTPUTS for o in outputs):
-            raise ValueError(f"output must be one of {tuple(OUTPUTS)} or a tuple of them, got "
-                             f"{output!r}")
-        if not (isinstance(images, torch.Tensor) and images.dim() == 4
-                and (images.is_floating_point() or normalize is not None)
-                and images.dtype != torch.bool and not images.is_complex()):
-            desc = (f"{images.dtype} tensor of shape {tuple(images.shape)}"
-                    if isinstance(images, torch.Tensor) else type(images).__name__)
-            raise ValueError(f"images must be a normalised float tensor (N, C, H, W) (or raw "
-                             f"pixels with normalize=(mean, std)), got {desc}")
+        outputs = _check_call(images, output, normalize)
         n, c, height, width = images.shape
-        if n == 0 or c == 0 or height == 0 or width == 0:
-            raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
         prep = normalizer(normalize, c, images.device)
         plan = self.plan(height, width)
-        with torch.no_grad():
+        with torch.inference_mode(), _cudnn_autotune(images.device):
             one = input_rows(images[:1], plan, 0, plan.y.window, prep)
-            one = one[..., :plan.x.window].contiguous()
-            classes, per_window, fixed = self._probe(one, plan)
+            footprint = self._probe(one[..., :plan.x.window].contiguous(), plan)
+            del one
+            classes = footprint.classes
             if prob_class is not None and not (isinstance(prob_class, int)
                                                and 0 <= prob_class < classes):
                 raise ValueError(f"prob_class must be a class index in 0..{classes - 1}, got "
@@ -444,43 +451,46 @@ class InferenceEngine:
                 for kind in outputs)
             needs_copy = normalize is not None or any(
                 (a.pad_before or a.pad_after) for a in (plan.y, plan.x))
-            batch, rows, out_dev, planned = self._schedule(one, plan, n, classes, per_window,
-                                                           fixed, out_bytes, needs_copy)
-            del one
-            self.last_schedule = {"window_batch": batch, "band_rows": rows,
-                                  "window_rows": plan.y.count, "output_device": str(out_dev),
-                                  "buffer_bytes": planned}
+            sched = schedule(plan, n, c, footprint, self._budget(images.device),
+                             out_bytes=out_bytes, input_copy=needs_copy,
+                             window_batch=self.window_batch, band_rows=self.band_rows,
+                             output_device=self.output_device)
+            self.last_schedule = sched
             weight = None
             if self.gaussian and plan.windows_per_image > 1:
                 weight = ops.gaussian_weight((plan.y.tile, plan.x.tile), device=images.device)
-            window = (plan.y.window, plan.x.window)
-            stride = (plan.y.stride, plan.x.stride)
-            if rows >= plan.y.count:
-                x = pad(prep(images), plan)
-                windows = ops.tile_extract(x, window, stride)
-                del x
-                logits = self._window_logits(windows, plan, classes, batch)
-                del windows
-                fused = len(outputs) == 1 and prob_class is None
-                epilogue = OUTPUTS[outputs[0]] if fused else "none"
-                # the aggregate goes into a reused buffer when only copies of it reach the caller
-                consumed = ((plan.y.canvas, plan.x.canvas) != (height, width)
-                            or torch.device(out_dev) != logits.device
-                            or (not fused and "logits" not in outputs))
-                key, out = self._take_buffer(logits, n, plan, epilogue) if consumed else (0, None)
-                avg = ops.tile_aggregate(logits, n, plan.y.canvas, plan.x.canvas, stride,
-                                         weight=weight, epilogue=epilogue, out=out)
-                results = [avg] if fused else [finish(avg, kind, prob_class) for kind in outputs]
-                del avg, logits
-                results = [r.to(out_dev) for r in results]
-                results = [r[..., :height, :width].contiguous()
-                           if r.shape[-2:] != (height, width) else r for r in results]
-                if out is not None:  # only copies of it are in results: the next call may reuse it
-                    self._out_buffers[key] = out
-            else:
-                results = self._streamed(images, plan, classes, batch, rows, out_dev, weight,
-                                         outputs, prep, prob_class)
+            run = self._streamed if sched.streamed else self._one_pass
+            results = run(images, plan, sched, classes, weight, outputs, prep, prob_class)
         return results[0] if isinstance(output, str) else tuple(results)
+
+    def _one_pass(self, images, plan, sched, classes, weight, outputs, prep, prob_class):
+        """All windows of the images at once: extract, run, one fused aggregation, crop."""
+        height, width = plan.y.size, plan.x.size
+        stride = (plan.y.stride, plan.x.stride)
+        x = pad(prep(images), plan)
+        windows = ops.tile_extract(x, (plan.y.window, plan.x.window), stride)
+        del x
+        logits = self._window_logits(windows, plan, classes, sched)
+        del windows
+        fused = len(outputs) == 1 and prob_class is None
+        epilogue = OUTPUTS[outputs[0]] if fused else "none"
+        # the aggregate goes into a reused buffer when only copies of it reach the caller
+        consumed = ((plan.y.canvas, plan.x.canvas) != (height, width)
+                    or sched.output_device != logits.device
+                    or (not fused and "logits" not in outputs))
+        key, out = self._take_buffer(logits, images.shape[0], plan, epilogue) if consumed \
+            else (0, None)
+        avg = ops.tile_aggregate(logits, images.shape[0], plan.y.canvas, plan.x.canvas, stride,
+                                 weight=weight, epilogue=epilogue, out=out)
+        del logits
+        results = [avg] if fused else [finish(avg, kind, prob_class) for kind in outputs]
+        del avg
+        results = [r.to(sched.output_device) for r in results]
+        results = [r[..., :height, :width].contiguous() if r.shape[-2:] != (height, width)
+                   else r for r in results]
+        if out is not None:  # only copies of it are in results: the next call may reuse it
+            self._out_buffers[key] = out
+        return results
 
     def _take_buffer(self, logits, n, plan, epilogue):
         """(key, CPU output for tile_aggregate): the one the last call of this size gave back
@@ -501,13 +511,12 @@ class InferenceEngine:
             out = torch.empty(shape, dtype=dtype, device=logits.device)
         return key, out
 
-    def _streamed(self, src, plan, classes, batch, rows, out_dev, weight, outputs, prep,
-                  prob_class):
+    def _streamed(self, src, plan, sched, classes, weight, outputs, prep, prob_class):
         """Bands of `rows` window rows, normalised from ``src`` band by band. A band's window
         sums are added to the sums carried over from the band above; rows no later window
         touches are then final: divided by their coverage, turned into the outputs and written
         out. So only one band of sums is ever held, whatever the image height."""
-        n = src.shape[0]
+        n, rows, out_dev = src.shape[0], sched.band_rows, sched.output_device
         height, width = plan.y.size, plan.x.size
         device = src.device
         window = (plan.y.window, plan.x.window)
@@ -522,12 +531,7 @@ class InferenceEngine:
                 shape, dtype = (n, classes, height, width), torch.float32
             results.append(torch.empty(shape, dtype=dtype, device=out_dev))
         if weight is None:  # coverage in closed form: window counts per row times per column
-            cy = torch.zeros(plan.y.canvas, device=device)
-            for i in range(plan.y.count):
-                cy[plan.y.start(i):plan.y.start(i) + plan.y.tile] += 1
-            cx = torch.zeros(plan.x.canvas, device=device)
-            for j in range(plan.x.count):
-                cx[plan.x.start(j):plan.x.start(j) + plan.x.tile] += 1
+            cy, cx = axis_coverage(plan.y, device), axis_coverage(plan.x, device)
         carried = carried_w = None
         for i0 in range(0, plan.y.count, rows):
             i1 = min(i0 + rows, plan.y.count) - 1
@@ -536,7 +540,7 @@ class InferenceEngine:
             x = input_rows(src, plan, top, bottom + plan.y.window, prep)
             windows = ops.tile_extract(x, window, stride)
             del x
-            logits = self._window_logits(windows, plan, classes, batch)
+            logits = self._window_logits(windows, plan, classes, sched)
             del windows
             part = ops.tile_aggregate(logits, n, band_h, plan.x.canvas, stride, weight=weight,
                                       normalize=False)
@@ -570,39 +574,42 @@ class InferenceEngine:
         return results
 
 
+
+def _batches(total, batch, pad_last):
+    """(start, size) of each forward's windows: ``batch`` at a time (the last one padded up by
+    the caller), or, where batches need not share one shape, sizes that differ by at most one
+    (the CPU runs no padding windows and no tiny last batch)."""
+    if pad_last:
+        return [(k, min(batch, total - k)) for k in range(0, total, batch)]
+    count = -(-total // batch)
+    small, extra = divmod(total, count)
+    sizes = [small + 1] * extra + [small] * (count - extra)
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return list(zip(starts, sizes))
+
+
+def _check_call(images, output, normalize):
+    """The output kinds asked for; ValueError for a bad output or images argument."""
+    outputs = (output,) if isinstance(output, str) else tuple(output)
+    if not outputs or any(not isinstance(o, str) or o not in OUTPUTS for o in outputs):
+        raise ValueError(f"output must be one of {tuple(OUTPUTS)} or a tuple of them, got "
+                         f"{output!r}")
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4
+            and (images.is_floating_point() or normalize is not None)
+            and images.dtype != torch.bool and not images.is_complex()):
+        desc = (f"{images.dtype} tensor of shape {tuple(images.shape)}"
+                if isinstance(images, torch.Tensor) else type(images).__name__)
+        raise ValueError(f"images must be a normalised float tensor (N, C, H, W) (or raw "
+                         f"pixels with normalize=(mean, std)), got {desc}")
+    if 0 in images.shape:
+        raise ValueError(f"images must be non-empty, got shape {tuple(images.shape)}")
+    return outputs
+
+
 def infer(fn, images, mode="slide", crop_size=None, stride=None, output="logits", **options):
     """One-off ``InferenceEngine(fn, mode, crop_size, stride, **options)(images, output)``."""
     return InferenceEngine(fn, mode, crop_size, stride, **options)(images, output)
 
 
-def reference_slide_inference(fn, images, crop_size, stride):
-    """mmseg's ``slide_inference`` verbatim (SPEC §1): one window per forward, each padded to
-    the full image and added. The faithful, slow baseline of the tests and benchmarks."""
-    h_crop, w_crop = pair(crop_size, "crop_size")
-    h_stride, w_stride = pair(stride, "stride")
-    batch_size, _, h_img, w_img = images.size()
-    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
-    preds = None
-    count_mat = images.new_zeros((batch_size, 1, h_img, w_img))
-    with torch.no_grad():
-        for h_idx in range(h_grids):
-            for w_idx in range(w_grids):
-                y1 = h_idx * h_stride
-                x1 = w_idx * w_stride
-                y2 = min(y1 + h_crop, h_img)
-                x2 = min(x1 + w_crop, w_img)
-                y1 = max(y2 - h_crop, 0)
-                x1 = max(x2 - w_crop, 0)
-                crop_seg_logit = fn(images[:, :, y1:y2, x1:x2])
-                if preds is None:
-                    preds = images.new_zeros((batch_size, crop_seg_logit.shape[1], h_img, w_img))
-                preds += F.pad(crop_seg_logit, (int(x1), int(preds.shape[3] - x2), int(y1),
-                                                int(preds.shape[2] - y2)))
-                count_mat[:, :, y1:y2, x1:x2] += 1
-    assert (count_mat == 0).sum() == 0
-    return preds / count_mat
-
-
-__all__ = ["MODES", "PRECISIONS", "OUTPUTS", "AxisPlan", "TilePlan", "InferenceEngine", "coverage",
-           "infer", "reference_slide_inference"]
+__all__ = ["MODES", "PRECISIONS", "OUTPUTS", "AxisPlan", "TilePlan", "Schedule",
+           "InferenceEngine", "infer", "resolve_precision", "cpu_has_native_bf16"]

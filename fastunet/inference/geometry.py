@@ -152,22 +152,10 @@ def band_bytes(plan, n, channels, classes):
     return per_row, overhang
 
 
-def coverage(plan, weight, device):
-    """(canvas_h, canvas_w) float32 summed window weights (window counts when unweighted)."""
-    (th, tw), ys, xs = ((plan.y.tile, plan.x.tile),
-                        [plan.y.start(i) for i in range(plan.y.count)],
-                        [plan.x.start(j) for j in range(plan.x.count)])
-    if weight is None:
-        cy = torch.zeros(plan.y.canvas, device=device)
-        cx = torch.zeros(plan.x.canvas, device=device)
-        for s in ys:
-            cy[s:s + th] += 1
-        for s in xs:
-            cx[s:s + tw] += 1
-        return cy[:, None] * cx[None, :]
-    norm = torch.zeros(plan.y.canvas, plan.x.canvas, device=device)
-    weight = weight.to(device=device, dtype=torch.float32)
-    for y in ys:
-        for x in xs:
-            norm[y:y + th, x:x + tw] += weight
-    return norm
+def axis_coverage(axis, device):
+    """(canvas,) float32: how many windows cover each position along one axis (unweighted
+    coverage of a pixel is the product of its row's and its column's)."""
+    cover = torch.zeros(axis.canvas, device=device)
+    for i in range(axis.count):
+        cover[axis.start(i):axis.start(i) + axis.tile] += 1
+    return cover

@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 import torch
 
-from .engine import MODES, PRECISIONS, InferenceEngine
+from .engine import MODES, PRECISIONS, InferenceEngine, resolve_precision
 
-# SPEC §1 normalisation, used when a config does not carry its own
+# mmseg's ImageNet normalisation, used when a config does not carry its own
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
@@ -84,25 +84,29 @@ class Predictor:
 
     config: a config name (``fastunet.list_configs()``) or dict; checkpoint: a .pth path (None
     keeps the initial weights, for testing). device: default CUDA if available, else CPU.
-    precision: "fp32", "fp16" or "bf16". mode: "slide" (default: the config's test_cfg),
-    "overlap-tile" or "whole" (see fastunet.inference.engine). crop_size / stride override the
-    config's slide window. window_batch: windows per forward (default: from free memory).
-    tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting. fuse: fold BN into
-    the convolutions (eval only; outputs change by float rounding). channels_last: default on
-    (faster convolutions on CPU and with fp16/bf16 on GPU). Other keyword arguments go to
-    ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device, max_buffer_bytes, ...).
+    precision: "auto" (default: bf16 autocast on CPUs with native bf16, AVX512-BF16 or AMX, else
+    fp32; see ``fastunet.inference.resolve_precision``), "fp32" (exact reproduction of mmseg's
+    numbers), "fp16" or "bf16"; ``self.precision`` says which one runs. mode: "slide" (default:
+    the config's test_cfg), "overlap-tile" or "whole" (see fastunet.inference.engine). crop_size
+    / stride override the config's slide window. window_batch: windows per forward (default:
+    planned, see ``fastunet.inference.planner``). tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting.
+    fuse: fold BN into the convolutions (eval only; outputs change by float rounding).
+    channels_last: default on (faster convolutions on CPU and with fp16/bf16 on GPU). Other
+    keyword arguments go to ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device,
+    max_buffer_bytes, ...).
     Large images are normalised and aggregated band by band from the uint8 pixels; CPU memory
     is about image + labels (+ 4 bytes/pixel with return_probs) + max_buffer_bytes (1 GiB) + one
     window batch's activations.
     """
 
-    def __init__(self, config, checkpoint=None, device=None, precision="fp32", mode=None, *,
+    def __init__(self, config, checkpoint=None, device=None, precision="auto", mode=None, *,
                  crop_size=None, stride=None, window_batch=None, tta=None, gaussian=False,
                  fuse=True, channels_last=True, **engine_options):
         import fastunet
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if precision != "auto" and precision not in PRECISIONS:
+            raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got "
+                             f"{precision!r}")
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.config = fastunet.get_config(config) if isinstance(config, str) else config
@@ -111,6 +115,7 @@ class Predictor:
         from ..runtime import resolve_device
 
         self.device = resolve_device(device)  # ValueError for a device this machine lacks
+        self.precision = resolve_precision(precision, self.device)
         if checkpoint is not None:  # before building the model: a wrong path fails fast
             if os.path.isdir(checkpoint):
                 raise IsADirectoryError(f"checkpoint {os.fspath(checkpoint)!r} is a folder, "
@@ -147,20 +152,13 @@ class Predictor:
         mean = torch.tensor(data_cfg.get("mean", MEAN), dtype=torch.float32, device=self.device)
         std = torch.tensor(data_cfg.get("std", STD), dtype=torch.float32, device=self.device)
         self._mean, self._std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
-        self._inv_std = 1.0 / self._std
         self.mode = mode
         engine_options.setdefault("size_divisor", getattr(model.backbone, "downsample_rate", 16))
         self._warned_grayscale = False  # once per Predictor, not per image
         self.engine = InferenceEngine(model.encode_decode, mode, crop_size, stride,
-                                      window_batch=window_batch, precision=precision,
+                                      window_batch=window_batch, precision=self.precision,
                                       channels_last=channels_last, gaussian=gaussian, tta=tta,
                                       **engine_options)
-
-    def normalize(self, rgb):
-        """HxWx3 uint8 array -> normalised (1, 3, H, W) float32 tensor on the device."""
-        x = torch.from_numpy(rgb).to(self.device, non_blocking=True)
-        x = x.permute(2, 0, 1).unsqueeze(0).float()
-        return (x - self._mean) * self._inv_std
 
     def predict(self, image, return_probs=False):
         """HxWx3 uint8 RGB array (or a path) -> HxW uint8 labels (argmax of the logits); with
@@ -179,12 +177,13 @@ class Predictor:
             self._warned_grayscale = True
         # the uint8 image as (1, 3, H, W); the engine normalises it band by band, so a large
         # image never exists as float (4x the bytes) nor do its logits
-        x = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(2, 0, 1)[None]
-        norm = (self._mean, self._std)
-        if not return_probs:
-            return self.engine(x, "labels", normalize=norm)[0].cpu().numpy()
-        labels, probs = self.engine(x, ("labels", "probs"), normalize=norm, prob_class=1)
-        return labels[0].cpu().numpy(), probs[0].cpu().numpy()
+        with torch.inference_mode():
+            x = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(2, 0, 1)[None]
+            norm = (self._mean, self._std)
+            if not return_probs:
+                return self.engine(x, "labels", normalize=norm)[0].cpu().numpy()
+            labels, probs = self.engine(x, ("labels", "probs"), normalize=norm, prob_class=1)
+            return labels[0].cpu().numpy(), probs[0].cpu().numpy()
 
     def predict_many(self, images, return_probs=False):
         """Yield ``predict`` of each path or array, in order; the next file is read from disk

@@ -97,29 +97,6 @@ class EncoderDecoder(InitWeights, nn.Module):
             losses.update(_add_prefix(self.auxiliary_head.loss(feats, seg_label), "aux"))
         return losses
 
-    def slide_inference_reference(self, x, crop_size, stride):
-        """Average the logits of overlapping crop windows (mmseg's ``slide`` mode, SPEC §1),
-        written as mmseg's loop: one window per forward. The reference the engine is tested
-        and benchmarked against.
-
-        A crop larger than the image shrinks to the image (no padding), as in mmseg.
-        """
-        h_crop, w_crop = _pair(crop_size)
-        h_stride, w_stride = _pair(stride)
-        batch, _, h_img, w_img = x.shape
-        h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-        w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
-        preds = x.new_zeros((batch, self.out_channels, h_img, w_img))
-        count = x.new_zeros((1, 1, h_img, w_img))
-        for h_idx in range(h_grids):
-            for w_idx in range(w_grids):
-                y2 = min(h_idx * h_stride + h_crop, h_img)
-                x2 = min(w_idx * w_stride + w_crop, w_img)
-                y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-                preds[:, :, y1:y2, x1:x2] += self.encode_decode(x[:, :, y1:y2, x1:x2])
-                count[:, :, y1:y2, x1:x2] += 1
-        return preds / count
-
     def _engine(self, mode, crop_size=None, stride=None, **options):
         """The inference engine for these settings, kept so that its probe runs once."""
         from ..inference.engine import InferenceEngine
@@ -144,7 +121,8 @@ class EncoderDecoder(InitWeights, nn.Module):
 
     def slide_inference(self, x, crop_size, stride, **options):
         """``slide`` mode through :class:`fastunet.inference.InferenceEngine`: windows in
-        batches, one fused aggregation; equal to :meth:`slide_inference_reference` up to float
+        batches, one fused aggregation; equal to mmseg's loop
+        (``fastunet.ops.tile_reference.slide_inference(self.encode_decode, ...)``) up to float
         rounding (see the engine for ``options`` and for images smaller than the crop)."""
         return self._engine("slide", crop_size, stride, **options)(x)
 

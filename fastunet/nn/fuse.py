@@ -65,7 +65,8 @@ class FoldedConv2d(nn.Module):
         w, b = self.weight.to(dt), self.bias.to(dt)
         tracking = torch.is_grad_enabled() and x.requires_grad
         if not tracking and not torch.compiler.is_compiling():
-            key = (w._version, w.data_ptr(), dt)
+            # keyed on the parameter: its cast copy w may be an inference tensor (no version)
+            key = (self.weight._version, self.weight.data_ptr(), dt)
             if self._packed is None or self._packed[0] != key:
                 self._packed = (key, pack_for_onednn(w, self, x))
             if self._packed[1] is not None:

@@ -1,18 +1,54 @@
-"""Pure-PyTorch reference of the tile ops: the sliding-window loop of SPEC §1, written plainly.
+"""Pure-PyTorch references of the tile ops and of the inference they serve, written plainly.
 
-It defines what the native kernels must compute, and runs when they are unavailable.
+``slide_inference`` is mmseg's sliding-window loop itself (one window per forward, each added
+to full-size logits); ``tile_extract`` / ``tile_aggregate`` are the same windows and the same
+average as two ops. They define what the native kernels and the inference engine must compute:
+the tests and benchmarks compare against them, and the ops run them when the native kernels
+are unavailable.
 """
 import torch
+import torch.nn.functional as F
 
 
 def window_count(size, tile, stride):
-    """Number of windows along one axis (window no larger than the image)."""
-    return (size - tile + stride - 1) // stride + 1
+    """Number of windows along one axis, as mmseg counts them: ceil((size - tile) / stride) + 1,
+    and one window (clipped to the image) when the window is larger than the image."""
+    return max(size - tile + stride - 1, 0) // stride + 1
 
 
 def window_starts(size, tile, stride):
     """Window starts along one axis: i*stride, the last moved back to end at the border."""
     return [min(i * stride, size - tile) for i in range(window_count(size, tile, stride))]
+
+
+def slide_inference(fn, images, crop_size, stride):
+    """mmseg's ``slide_inference``, verbatim: windows at multiples of the stride, the last one
+    moved back to end at the border, clipped to the image where the crop is larger; each
+    window's logits ``fn(window)`` zero-padded to the full image and added; the sum divided by
+    how many windows cover each pixel. One window per forward: the faithful, slow reference.
+    crop_size, stride: (h, w) pairs or ints."""
+    h_crop, w_crop = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+    h_stride, w_stride = (stride, stride) if isinstance(stride, int) else stride
+    batch_size, _, h_img, w_img = images.size()
+    preds = None
+    count_mat = images.new_zeros((batch_size, 1, h_img, w_img))
+    with torch.no_grad():
+        for h_idx in range(window_count(h_img, h_crop, h_stride)):
+            for w_idx in range(window_count(w_img, w_crop, w_stride)):
+                y1 = h_idx * h_stride
+                x1 = w_idx * w_stride
+                y2 = min(y1 + h_crop, h_img)
+                x2 = min(x1 + w_crop, w_img)
+                y1 = max(y2 - h_crop, 0)
+                x1 = max(x2 - w_crop, 0)
+                crop_seg_logit = fn(images[:, :, y1:y2, x1:x2])
+                if preds is None:
+                    preds = images.new_zeros((batch_size, crop_seg_logit.shape[1], h_img, w_img))
+                preds += F.pad(crop_seg_logit, (int(x1), int(preds.shape[3] - x2), int(y1),
+                                                int(preds.shape[2] - y2)))
+                count_mat[:, :, y1:y2, x1:x2] += 1
+    assert (count_mat == 0).sum() == 0
+    return preds / count_mat
 
 
 def _acc(t):

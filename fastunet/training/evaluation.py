@@ -79,7 +79,7 @@ def _with_legend(picture):
 @torch.no_grad()
 def evaluate(model, dataset, device, mode=None, use_fov=False, rank=0, world_size=1,
              save_dir=None, overlay_path=None, overlay_index=0, progress=None,
-             weights_change=False, tta=None):
+             weights_change=False, tta=None, precision="fp32"):
     """Score ``model`` on ``dataset`` (items dict(img, label, name, fov)); returns
     (SegMetric summed over ranks, seconds). The metric holds the vessel probabilities' AUC
     too. ``save_dir``: write each prediction as
@@ -87,7 +87,8 @@ def evaluate(model, dataset, device, mode=None, use_fov=False, rank=0, world_siz
     item ``overlay_index`` (by the rank that predicts it). ``progress``: a callable(done, total).
     ``weights_change``: the model will be trained further (evaluation during training): no CUDA
     graphs, which would keep replaying the folded weights of their capture. ``tta``: None, "h",
-    "v" or "hv": also predict flipped images and average the logits.
+    "v" or "hv": also predict flipped images and average the logits. ``precision``: the
+    inference engine's (fp32: mmseg's numbers).
     """
     was_training = model.training
     model.eval()
@@ -97,7 +98,7 @@ def evaluate(model, dataset, device, mode=None, use_fov=False, rank=0, world_siz
     weight = next((p for p in model.parameters() if p.dim() == 4), None)
     channels_last = weight is not None and not weight.is_contiguous() and weight.is_contiguous(
         memory_format=torch.channels_last)
-    options = {"channels_last": channels_last}
+    options = {"channels_last": channels_last, "precision": precision}
     if weights_change:
         options["cuda_graphs"] = False
     if tta:
