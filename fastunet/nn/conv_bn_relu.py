@@ -131,6 +131,8 @@ class ConvBNReLU(nn.Module):
     everywhere. Without the native library the plain modules run.
     """
 
+    __jit_unused_properties__ = ["norm"]  # TorchScript: the modules are enough
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias="auto", conv_cfg=None, norm_cfg=dict(type="BN"),
                  act_cfg=dict(type="ReLU"), inplace=True, fused=None):

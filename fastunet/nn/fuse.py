@@ -131,7 +131,7 @@ def _foldable(conv, bn, where):
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, ConvBNReLU) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (ConvBNReLU, FoldedConv2d)) or super().is_leaf_module(m, qualname)
 
 
 def _set(root, qualname, module):
