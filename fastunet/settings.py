@@ -34,38 +34,36 @@ class Variable:
     read: str  # "import" (fastunet, once), "use" (fastunet, each use), "build", "tests"
 
 
-VARIABLES = (
-    Variable("FASTUNET_FUSED", "`0`, `1`", "unset",
-             "`0`: every ConvBNReLU runs the plain modules (conv, BN, ReLU); `1`: the fused "
-             "kernels wherever they apply, also on devices whose defaults pick the plain modules "
-             "(CUDA); unset: the device defaults of fastunet/defaults.py", "import"),
-    Variable("FASTUNET_WINOGRAD", "`0`, `1`", "`1`",
-             "`0`: no Winograd CPU convolutions (oneDNN or GEMMs instead); where Winograd runs: "
-             "fastunet/conv_plan.py", "import"),
-    Variable("FASTUNET_CPU_ISA", "`base`, `avx2`, `avx512`", "unset (no cap)",
-             "caps the x86 vector instructions the CPU kernels use, to test or rule out the "
-             "AVX-512/AVX2 builds; Winograd runs only with AVX-512", "import"),
-    Variable("FASTUNET_CUDNN_FUSED_CONV", "`0`, `1`", "`0`",
-             "`1`: the CUDA conv_bias_relu kernel tries cuDNN's fused conv-bias-ReLU engine "
-             "(measured slower than the convolution alone; kept for re-measuring)", "import"),
-    Variable("FASTUNET_DISABLE_EXTENSION", "`0`, `1`", "`0`",
-             "`1`: do not load the native extension; the pure-PyTorch reference ops run", "import"),
-    Variable("FASTUNET_CACHE", "a folder", "`~/.cache/fastunet`",
-             "where generated data (the built-in synthetic set) is cached", "use"),
-    Variable("FASTUNET_NO_CUDA", "`0`, `1`", "`0`",
-             "`1`: setup.py builds no CUDA kernels even where nvcc is found", "build"),
-    Variable("FASTUNET_PRINT_SOURCES", "`0`, `1`", "`0`",
-             "`1`: setup.py prints the native source list and exits (CI compares it with "
-             "CMakeLists.txt)", "build"),
-    Variable("FASTUNET_CI_CACHE", "a folder", "`~/.cache/fastunet-ci`",
-             ".ci/run's cache of venvs and wheels", "build"),
-    Variable("FASTUNET_CI_CUDA_TORCH", "a torch version", "see .ci/run",
-             "the CUDA torch .ci/run compiles the CUDA kernels against", "build"),
-    Variable("FASTUNET_FUZZ_EXAMPLES", "a number", "`25`",
-             "hypothesis examples per property in tests/test_fuzz_ops.py", "tests"),
-    Variable("FASTUNET_TRAIN_KILLS", "a number", "`5`",
-             "how often tests/test_crash_safety.py kills and resumes training", "tests"),
-)
+# name | values | default | effect | read: "import" (fastunet, once), "use" (fastunet, each use),
+# "build" (setup.py, .ci/run), "tests"
+_TABLE = """
+FASTUNET_FUSED | `0`, `1` | unset | `0`: every ConvBNReLU runs the plain modules (conv, BN, ReLU); \
+`1`: the fused kernels wherever they apply, also on devices whose defaults pick the plain modules \
+(CUDA); unset: the device defaults of fastunet/defaults.py | import
+FASTUNET_WINOGRAD | `0`, `1` | `1` | `0`: no Winograd CPU convolutions (oneDNN or GEMMs instead); \
+where Winograd runs: fastunet/conv_plan.py | import
+FASTUNET_CPU_ISA | `base`, `avx2`, `avx512` | unset (no cap) | caps the x86 vector instructions the \
+CPU kernels use, to test or rule out the AVX-512/AVX2 builds; Winograd runs only with AVX-512 | import
+FASTUNET_CUDNN_FUSED_CONV | `0`, `1` | `0` | `1`: the CUDA conv_bias_relu kernel tries cuDNN's fused \
+conv-bias-ReLU engine (measured slower than the convolution alone; kept for re-measuring) | import
+FASTUNET_DISABLE_EXTENSION | `0`, `1` | `0` | `1`: do not load the native extension; the \
+pure-PyTorch reference ops run | import
+FASTUNET_CACHE | a folder | `~/.cache/fastunet` | where generated data (the built-in synthetic set) \
+is cached | use
+FASTUNET_NO_CUDA | `0`, `1` | `0` | `1`: setup.py builds no CUDA kernels even where nvcc is found \
+| build
+FASTUNET_PRINT_SOURCES | `0`, `1` | `0` | `1`: setup.py prints the native source list and exits \
+(CI compares it with CMakeLists.txt) | build
+FASTUNET_CI_CACHE | a folder | `~/.cache/fastunet-ci` | .ci/run's cache of venvs and wheels | build
+FASTUNET_CI_CUDA_TORCH | a torch version | see .ci/run | the CUDA torch .ci/run compiles the CUDA \
+kernels against | build
+FASTUNET_FUZZ_EXAMPLES | a number | `25` | hypothesis examples per property in \
+tests/test_fuzz_ops.py | tests
+FASTUNET_TRAIN_KILLS | a number | `5` | how often tests/test_crash_safety.py kills and resumes \
+training | tests
+"""
+VARIABLES = tuple(Variable(*(part.strip() for part in row.split(" | ")))
+                  for row in _TABLE.strip().splitlines())
 
 _ON = ("1", "true", "on", "yes")
 _OFF = ("0", "false", "off", "no")

@@ -12,6 +12,7 @@ import torch
 import fastunet
 from fastunet.nn import ConvBNReLU, FoldedConv2d
 from fastunet.nn.recompute import MaxPool2d
+from fused_helpers import trained_looking_bn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -27,15 +28,7 @@ SIZES = [(1, 64, 64), (3, 96, 128)]  # batch, height, width: not the example's
 
 def _model(name="synthetic"):
     torch.manual_seed(0)
-    model = fastunet.build_segmentor(fastunet.get_config(name))
-    with torch.no_grad():  # trained-looking BN statistics, so that folding is not trivial
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-    return model.eval()
+    return trained_looking_bn(fastunet.build_segmentor(fastunet.get_config(name))).eval()
 
 
 def _ops(path):
