@@ -53,11 +53,13 @@ for _hook in (nn.modules.module.register_module_parameter_registration_hook,
     _hook(_assigned)
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch.export
+
+
 @torch.jit.unused
 def _exporting() -> bool:
     """Whether a tracer or exporter records this call (its graph must hold standard ops only)."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_exporting())
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting()
 
 
 def _cast(t, dtype):
