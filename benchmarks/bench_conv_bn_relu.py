@@ -138,7 +138,7 @@ def train_step_stats(model, batch, steps=5):
 def test_cuda_train_step_amp_bf16(benchmark, machine_peaks, batch):
     torch.manual_seed(0)
     model, name = build_model()
-    fused = model.cuda().train()
+    fused = set_fused(model.cuda(), True).train()  # fastunet's kernels (CUDA default: plain)
     unfused = set_fused(copy.deepcopy(model), False).train()
     mem_u, t_u = train_step_stats(unfused, batch)
     mem_f, t_f = train_step_stats(fused, batch)
@@ -160,7 +160,7 @@ def test_cuda_train_step_amp_bf16(benchmark, machine_peaks, batch):
 def test_cuda_inference_block_vs_cudnn_conv(benchmark, machine_peaks, dtype, layout):
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    block = ConvBNReLU(64, 64, 3, padding=1).cuda().to(dtype).eval()
+    block = ConvBNReLU(64, 64, 3, padding=1, fused=True).cuda().to(dtype).eval()
     plain = set_fused(copy.deepcopy(block), False)
     x = torch.randn(16, 64, 64, 64, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
     w = block.conv.weight.detach().contiguous(memory_format=fmt)

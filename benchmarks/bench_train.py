@@ -45,10 +45,9 @@ def _setup(config, batch, size, device, fused=True, channels_last=False, overrid
     torch.manual_seed(seed)
     cfg = apply_overrides(fastunet.get_config(config), list(overrides))
     model = fastunet.build_segmentor(cfg).to(device).train()
-    if not fused:
-        for m in model.modules():
-            if isinstance(m, fastunet.nn.ConvBNReLU):
-                m.fused = False
+    for m in model.modules():  # fused: fastunet's kernels, also where the default is plain (CUDA)
+        if isinstance(m, fastunet.nn.ConvBNReLU):
+            m.fused = bool(fused)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     opt = build_optimizer(model, cfg["train"])
@@ -108,17 +107,12 @@ def _conv_only(parts):
 
 
 def _without_winograd(run):
-    """run with FASTUNET_WINOGRAD=0 (read on every call), restored after."""
+    """run as with FASTUNET_WINOGRAD=0."""
     def wrapped():
-        old = os.environ.get("FASTUNET_WINOGRAD")
-        os.environ["FASTUNET_WINOGRAD"] = "0"
-        try:
+        from fastunet import settings
+
+        with settings.override(winograd=False):
             run()
-        finally:
-            if old is None:
-                del os.environ["FASTUNET_WINOGRAD"]
-            else:
-                os.environ["FASTUNET_WINOGRAD"] = old
     return wrapped
 
 

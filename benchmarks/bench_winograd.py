@@ -7,16 +7,14 @@ Each case is one 3x3 conv + bias + ReLU of the model (channels_last, float32): a
 (8 windows of 64x64) and at an overlap-tile/whole-image size (1 x 592x592, the DRIVE image
 padded for the default 1024 tile). oneDNN runs with a pre-packed weight (as fastunet.fuse's
 modules do); Winograd with its cached weight transform. ``speedup`` = oneDNN / Winograd (> 1:
-Winograd faster); ``dispatched``: whether conv_bias_relu picks Winograd for the shape
-(csrc/cpu/winograd_kernel.cpp, winograd_tile_for). F(2x2,3x3) is shown for reference.
+Winograd faster); ``dispatched``: the algorithm fastunet/conv_plan.py picks for the shape.
+F(2x2,3x3) is shown for reference.
 """
-import os
-
 import pytest
 import torch
 
 from _harness import interleaved_best
-from fastunet import _native
+from fastunet import _native, conv_plan, settings
 
 pytestmark = pytest.mark.skipif(not _native.LOADED, reason="needs the native extension")
 
@@ -34,7 +32,7 @@ def _ids(case):
 
 
 @pytest.mark.parametrize("case", SLIDE + WHOLE, ids=_ids)
-def test_cpu_winograd_vs_onednn(benchmark, case, monkeypatch):
+def test_cpu_winograd_vs_onednn(benchmark, case):
     n, ci, co, s = case
     torch.manual_seed(0)
     x = torch.randn(n, ci, s, s).contiguous(memory_format=torch.channels_last)
@@ -42,8 +40,7 @@ def test_cpu_winograd_vs_onednn(benchmark, case, monkeypatch):
     b = torch.randn(co)
     packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1,
                                                        list(x.shape))
-    conv = torch.ops.fastunet.conv_bias_relu
-    monkeypatch.setenv("FASTUNET_WINOGRAD", "0")
+    conv = torch.ops.fastunet.conv_bias_relu  # the native op: oneDNN (the plan is in Python)
     onednn = lambda: conv(x, packed, b, [1, 1], [1, 1], [1, 1], 1, True)  # noqa: E731
     f4 = lambda: torch.ops.fastunet._winograd_conv3x3(x, w, b, True, 4)  # noqa: E731
     f2 = lambda: torch.ops.fastunet._winograd_conv3x3(x, w, b, True, 2)  # noqa: E731
@@ -51,8 +48,7 @@ def test_cpu_winograd_vs_onednn(benchmark, case, monkeypatch):
         fn()  # oneDNN plans, weight transforms cached
     rounds = 6 if n * s * s <= 8 * 64 * 64 else 3
     t = interleaved_best({"onednn": onednn, "f4": f4, "f2": f2}, rounds)
-    monkeypatch.delenv("FASTUNET_WINOGRAD")
-    dispatched = torch.equal(conv(x, packed, b, [1, 1], [1, 1], [1, 1], 1, True), f4())
+    dispatched = conv_plan.inference_plan(x, packed, [1, 1], [1, 1], [1, 1], 1).forward
     benchmark.pedantic(f4, rounds=1, warmup_rounds=0)
     gflop = 2 * n * s * s * ci * co * 9 / 1e9
     info = dict(onednn_ms=t["onednn"] * 1e3, winograd_f4_ms=t["f4"] * 1e3,
@@ -65,9 +61,10 @@ def test_cpu_winograd_vs_onednn(benchmark, case, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["slide", "overlap-tile", "whole"])
-def test_cpu_drive_engine_winograd_ab(benchmark, mode, monkeypatch):
+def test_cpu_drive_engine_winograd_ab(benchmark, mode):
     """bench_inference.py's CPU DRIVE case (fused fcn UNet, channels_last, fp32) with Winograd on
-    and off (FASTUNET_WINOGRAD), interleaved: ``speedup`` = off / on; times the run with it on."""
+    and off (FASTUNET_WINOGRAD, switched by settings.override), interleaved: ``speedup`` =
+    off / on; times the run with it on."""
     import fastunet
     from fastunet.inference import InferenceEngine
 
@@ -78,13 +75,11 @@ def test_cpu_drive_engine_winograd_ab(benchmark, mode, monkeypatch):
     engine = InferenceEngine(model.encode_decode, mode, 64, 42, channels_last=True)
 
     def run(flag):
-        os.environ["FASTUNET_WINOGRAD"] = flag
-        return engine(x)
+        with settings.override(winograd=flag):
+            return engine(x)
 
-    monkeypatch.setenv("FASTUNET_WINOGRAD", "1")
-    on, off = run("1"), run("0")  # warm-up: probes, oneDNN plans, weight transforms
-    t = interleaved_best({"on": lambda: run("1"), "off": lambda: run("0")}, 2)
-    monkeypatch.setenv("FASTUNET_WINOGRAD", "1")
+    on, off = run(True), run(False)  # warm-up: probes, oneDNN plans, weight transforms
+    t = interleaved_best({"on": lambda: run(True), "off": lambda: run(False)}, 2)
     benchmark.pedantic(lambda: engine(x), rounds=1, warmup_rounds=0)
     scale = off.abs().max().item()
     info = dict(winograd_s=t["on"], onednn_s=t["off"], speedup=t["off"] / t["on"],
@@ -107,9 +102,7 @@ def test_cpu_winograd_train_vs_onednn(benchmark, case):
     call (as each step must), vs oneDNN, and the whole backward (oneDNN's input + weight gradient
     in one call vs the two Winograd ones). ``*_speedup`` = oneDNN / Winograd; ``transform_ms``:
     one weight transform and one pass over it (a call on a 1-pixel image); ``dispatched_*``: what
-    the fused op picks."""
-    from fastunet.ops import cpu_winograd_conv as wconv
-
+    the fused op picks (fastunet/conv_plan.py)."""
     n, ci, co, s = case
     torch.manual_seed(0)
     x = torch.randn(n, ci, s, s).contiguous(memory_format=torch.channels_last)
@@ -136,7 +129,8 @@ def test_cpu_winograd_train_vs_onednn(benchmark, case):
     rounds = 8 if s <= 16 else 5
     t = interleaved_best(fns, rounds)
     benchmark.pedantic(fns["fwd_wino"], rounds=1, warmup_rounds=0)
-    fwd, dgrad, wgrad_d = wconv.use_winograd(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    plan = conv_plan.training_plan(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    fwd, dgrad, wgrad_d = plan.forward, plan.grad_input, plan.grad_weight
     info = dict(fwd_onednn_ms=t["fwd_onednn"] * 1e3, fwd_wino_ms=t["fwd_wino"] * 1e3,
                 fwd_speedup=t["fwd_onednn"] / t["fwd_wino"],
                 dgrad_onednn_ms=t["dgrad_onednn"] * 1e3, dgrad_wino_ms=t["dgrad_wino"] * 1e3,

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "common/switches.h"
 #include "cpu/winograd.h"
 
 #ifndef FASTUNET_CUDA_ARCHS
@@ -106,4 +107,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this binary was built (CUDA kernels, archs, torch)");
   m.def("winograd_fast_kernel", &fastunet::winograd_has_fast_kernel,
         "Whether the CPU Winograd convolution runs its AVX-512 kernel here (else not dispatched)");
+  // fastunet/settings.py reads the environment; the library takes its switches from there
+  m.def(
+      "_set_switches",
+      [](int cpu_isa_cap, bool cudnn_fused_conv) {
+        fastunet::switches().cpu_isa_cap.store(cpu_isa_cap);
+        fastunet::switches().cudnn_fused_conv.store(cudnn_fused_conv);
+      },
+      "Set the native switches (cpu_isa_cap: 0 base, 1 AVX2, 2 AVX-512; cudnn_fused_conv)");
 }

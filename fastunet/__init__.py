@@ -27,7 +27,9 @@ _LAZY = {
     "Predictor": "fastunet.inference.predictor",
     "set_deterministic": "fastunet.runtime",
 }
-_SUBMODULES = {"data", "inference", "metrics", "models", "nn", "ops", "runtime"}
+# (fastunet.export is also callable: fastunet.export(model, path, ...))
+_SUBMODULES = {"conv_plan", "data", "defaults", "export", "inference", "metrics", "models", "nn",
+               "ops", "runtime", "settings"}
 
 __all__ = sorted(["__version__", *_LAZY, *_SUBMODULES])
 

@@ -1,8 +1,10 @@
-"""Loads the compiled extension ``fastunet._C`` and says once, clearly, when it cannot."""
-import os
+"""Loads the compiled extension ``fastunet._C`` and says once, clearly, when it cannot; hands it
+the switches that fastunet/settings.py read from the environment (the library reads none)."""
 import warnings
 
 import torch
+
+from . import settings
 
 
 class FallbackWarning(RuntimeWarning):
@@ -13,7 +15,7 @@ LOADED = False
 LOAD_ERROR = None
 BUILD_INFO = {}
 
-if os.environ.get("FASTUNET_DISABLE_EXTENSION") == "1":
+if settings.current().disable_extension:
     LOAD_ERROR = "disabled by FASTUNET_DISABLE_EXTENSION=1"
 else:
     try:
@@ -24,7 +26,18 @@ else:
     except (ImportError, OSError) as exc:  # not built, or built against another torch
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
+_ISA_CAP = {"base": 0, "avx2": 1, "avx512": 2, "": 2}
+
+
+def _push_switches(switches):
+    """Hand the switches the native code acts on to the library (before any kernel runs)."""
+    if LOADED and hasattr(_C, "_set_switches"):
+        _C._set_switches(_ISA_CAP[switches.cpu_isa], bool(switches.cudnn_fused_conv))
+
+
 if LOADED:
+    _push_switches(settings.current())
+    settings.on_change(_push_switches)
     built = BUILD_INFO.get("torch_version", "")
     if built.split("+")[0].split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
         warnings.warn(f"fastunet: the native extension was built against torch {built} but torch "

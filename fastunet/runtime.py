@@ -10,9 +10,10 @@ Deterministic mode (``--deterministic`` on train / test / predict) sets
 (``cudnn.benchmark = False``) and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (deterministic cuBLAS; it
 takes effect if set before CUDA's first cuBLAS call, so the CLIs set it at start-up). While it
 is on, the inference engine plans window batches and bands from fixed sizes instead of the
-memory that happens to be free, so the same image is always cut and summed the same way. The
-CUDA backward kernels PyTorch only has with atomic adds (bilinear upsampling, adaptive average
-pooling) are replaced in training by deterministic ones (``fastunet.training.determinism``).
+memory that happens to be free, so the same image is always cut and summed the same way. Where
+CUDA is available, the backward kernels PyTorch only has with atomic adds (bilinear upsampling,
+adaptive average pooling) are replaced by deterministic ones (``fastunet.training.determinism``).
+This function is the one way into deterministic mode: the CLIs' ``--deterministic`` calls it.
 
 fastunet's own kernels are deterministic with or without it: the tile ops are gathers (no
 atomics) and the Conv-BN-ReLU statistics merge fixed partial sums in a fixed order (CPU chunks
@@ -68,7 +69,10 @@ def is_deterministic():
 def set_deterministic(enabled=True):
     """Turn deterministic mode on (or off) for the whole process; returns a function that
     restores the previous settings. See the module docstring for what it sets and costs."""
+    from .training import determinism
+
     fill = getattr(torch.utils, "deterministic", None)
+    kernels = torch.cuda.is_available() and determinism._LIBRARY is None
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, _STATE["on"],
@@ -79,9 +83,11 @@ def set_deterministic(enabled=True):
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         if fill is not None:
-            # torch then fills every torch.empty with NaN, a debugging aid that cost 25% of CPU
-            # inference time (UNet-S5-D16/16 on DRIVE); no fastunet result reads such memory
+            # torch then fills every torch.empty with NaN, a debugging aid that costs a large
+            # share of CPU inference time; no fastunet result reads such memory
             fill.fill_uninitialized_memory = False
+        if kernels:
+            determinism.register_cuda_kernels()
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
@@ -93,6 +99,8 @@ def set_deterministic(enabled=True):
         _STATE["on"] = before[4]
         if fill is not None:
             fill.fill_uninitialized_memory = before[5]
+        if kernels and enabled:
+            determinism.unregister_cuda_kernels()
     return restore
 
 

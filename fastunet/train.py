@@ -10,8 +10,9 @@
 The published recipe (SPEC §1): SGD lr 0.01, momentum 0.9, weight decay 5e-4 on all parameters;
 poly decay per iteration to 1e-4 over 40k iterations; batch 16 in total (split over the
 processes); evaluation and checkpoint every 4k iterations, the best checkpoint by vessel Dice.
-It runs channels_last; on CUDA with bf16 autocast (``--amp``) and the fused Conv-BN-ReLU training
-kernels (``--fused``; on CPU for full-width backbones only), optionally ``--compile``d.
+It runs channels_last; on CUDA with bf16 autocast (``--amp``); fastunet's fused Conv-BN-ReLU
+training kernels where they measured faster (``--fused``; on CPU for full-width backbones only),
+optionally ``--compile``d.
 Everything goes to ``work_dirs/<config>/``: ``iter_<N>.pth``, ``latest.pth``,
 ``best_vessel_dice_iter_<N>.pth``, ``log.jsonl``, ``curves.png``, ``vis/`` overlays, TensorBoard
 scalars when tensorboard is installed. ``--resume`` continues exactly where the last checkpoint
@@ -50,28 +51,6 @@ class TrainResult(NamedTuple):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-# Backbones at least this wide train faster fused on CPU (see _auto_fused).
-CPU_FUSED_MIN_BASE_CHANNELS = 64
-
-
-def _auto_fused(model, device):
-    """``--fused auto``: None (the fused training kernels) or False (the plain modules).
-
-    Fused on GPUs (memory, bandwidth). On CPU, where the convolutions take most of the step
-    (82% of the unfused FCN step), only for full-width backbones:
-    benchmarks/bench_train.py::test_cpu_fused_auto on 2 EPYC cores (channels_last, fp32, five
-    runs) measured the FCN config (base_channels 64, batch 4) at 0.50-0.54 s fused vs
-    0.50-0.56 s plain per iteration (0.99-1.08x, median 1.05x, and one saved activation per
-    block instead of two), but the narrow synthetic default (base_channels 16, batch 8) at
-    84-97 vs 70-77 ms (0.76-0.83x): its blocks are too small for the fused kernels' savings to
-    outweigh their fixed per-block costs.
-    """
-    if device.type == "cuda":
-        return None
-    width = getattr(getattr(model, "backbone", None), "base_channels", 0)
-    return None if width >= CPU_FUSED_MIN_BASE_CHANNELS else False
 
 
 def build_parser():
@@ -127,10 +106,11 @@ def build_parser():
                    help="data loading processes per GPU/process (default: 0 on CPUs with up to "
                         "4 cores, else up to 8)")
     p.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
-                   help="fused Conv-BN-ReLU kernels for the training updates: auto (default) = "
-                        "on CUDA; on CPU for full-width backbones (base_channels >= 64) and off "
-                        "for narrower ones such as the synthetic default, where the plain "
-                        "modules train faster (evaluation always uses the fused inference path)")
+                   help="fastunet's fused Conv-BN-ReLU training kernels: auto (default) = where "
+                        "committed results show them faster (fastunet/conv_plan.py: on CPU for "
+                        "full-width backbones, base_channels >= 64; the plain modules on CUDA "
+                        "and for narrower backbones); on = always; off = never (evaluations "
+                        "run the device's default inference path)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (long first iterations, then faster)")
     p.add_argument("--deterministic", action="store_true",
@@ -339,7 +319,10 @@ def _train(args, restore):
     # channels_last is faster on both devices (cuDNN tensor cores; oneDNN on CPU: 1.4x on the
     # synthetic model)
     model.to(memory_format=torch.channels_last)
-    train_fused = {"on": None, "off": False, "auto": _auto_fused(model, device)}[args.fused]
+    from .conv_plan import train_fused_default
+
+    train_fused = (train_fused_default(model, device) if args.fused == "auto"
+                   else args.fused == "on")
     set_fused(model, train_fused)
     sync_bn = dist_info.distributed and device.type == "cuda"
     if sync_bn:  # mmseg trains with SyncBN; DDP allows it on GPUs only

@@ -15,6 +15,19 @@ def unfused(model):
     return plain
 
 
+def trained_looking_bn(model):
+    """Give every BatchNorm2d of model non-trivial statistics and affine values (so that folding
+    them is not the identity); returns model."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return model
+
+
 def saved_bytes(fn, model=None):
     """(bytes of the distinct storages autograd saves while fn() runs, fn()); the parameters
     and buffers of `model`, if given, are not counted."""

@@ -32,10 +32,10 @@ bb = torch.randn(40, generator=g)
 y = ops.batch_norm_relu(xb, bw, bb)
 y.backward(torch.randn(y.shape, generator=g).contiguous(memory_format=cl))
 out.update(bn_relu=y.detach(), bn_relu_grad=xb.grad)
-# does conv_bias_relu take Winograd for a shape its rule dispatches? (only with AVX-512)
+# does conv_bias_relu take Winograd for a shape its plan dispatches? (only with AVX-512)
 xd = torch.randn(2, 32, 32, 32, generator=g).contiguous(memory_format=cl)
 wd = torch.randn(48, 32, 3, 3, generator=g) * 0.1
-fused = torch.ops.fastunet.conv_bias_relu(xd, wd, None, [1, 1], [1, 1], [1, 1], 1, True)
+fused = ops.conv_bias_relu(xd, wd, None, 1, 1, 1, 1)
 out["dispatched"] = torch.equal(fused, torch.ops.fastunet._winograd_conv3x3(xd, wd, None, True,
                                                                           4, 0))
 torch.save(out, sys.argv[1])

@@ -33,6 +33,14 @@ def test_python_m_fastunet_describes_build():
                              check=True, env=dict(os.environ, FASTUNET_WINOGRAD="0")).stdout
         assert "CPU 3x3 convolutions: oneDNN" in off
         assert "CPU 3x3 convolutions:" in out
+        assert "1024->1024 @4x4" in out and "fastunet/conv_plan.py" in out  # the plan per layer
+        assert "CPU precisions" in out and "fp32 yes" in out
+
+
+def test_python_m_fastunet_help():
+    out = subprocess.run([sys.executable, "-m", "fastunet", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "usage: python -m fastunet" in out and "convolution" in out
 
 
 def test_fallback_warns_once_and_matches_native():

@@ -49,7 +49,7 @@ def test_unsupported_configs_are_refused(kwargs):
 import copy  # noqa: E402
 import os  # noqa: E402
 
-from fastunet import _native  # noqa: E402
+from fastunet import _native, settings  # noqa: E402
 from fastunet.ops import recompute  # noqa: E402
 from fused_helpers import saved_bytes  # noqa: E402
 
@@ -66,8 +66,9 @@ GEOM_IDS = ["k{2}p{3}d{4}s{5}".format(*g) for g in GEOMS]
 
 
 def pair(*args, **kwargs):
-    """A fused block and an identical unfused copy."""
-    fused = ConvBNReLU(*args, **kwargs)
+    """A fused block (fastunet's kernels, also on CUDA where the default is the plain modules)
+    and an identical unfused copy."""
+    fused = ConvBNReLU(*args, **kwargs, fused=True)
     plain = copy.deepcopy(fused)
     plain.fused = False
     return fused.train(), plain.train()
@@ -177,6 +178,13 @@ def test_fold_cache_is_invalidated_by_every_change(device):
     for m in (fused, plain):  # a replaced parameter object
         m.bn.bias = nn.Parameter(torch.full_like(m.bn.bias, 0.25))
     check()
+    for m in (fused, plain):  # a replaced buffer
+        m.bn.running_mean = torch.full_like(m.bn.running_mean, -0.25)
+    check()
+    conv = nn.Conv2d(4, 5, 3, padding=1, bias=False).to(device)
+    for m in (fused, plain):  # a replaced submodule
+        m.conv = copy.deepcopy(conv)
+    check()
     fused.double(), plain.double()  # dtype change through Module._apply
     x = x.double()
     check()
@@ -185,6 +193,9 @@ def test_fold_cache_is_invalidated_by_every_change(device):
         plain.bn.running_mean.data.add_(1.0)
     fused.clear_fold_cache()  # ... so they need an explicit clear
     check()
+    with torch.no_grad():  # nothing changed: the fold is reused, not recomputed
+        first = fused._folded(x, x.dtype)
+        assert fused._folded(x, x.dtype) is first
 
 
 @needs_native
@@ -249,18 +260,18 @@ def test_batch_of_one_value_per_channel_is_refused():
 
 
 @needs_native
-def test_environment_switch_forces_unfused(monkeypatch):
+def test_environment_switch_forces_unfused():
     torch.manual_seed(7)
     m = ConvBNReLU(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 6, 6)
     assert m.is_fused_for(x)
-    monkeypatch.setenv("FASTUNET_FUSED", "0")
-    assert not m.is_fused_for(x) and not ConvBNReLU(3, 4, 3, fused=True).is_fused_for(x)
-    ref = nn.Sequential(m.conv, m.bn, nn.ReLU())
-    ref_copy = copy.deepcopy(ref)
-    torch.testing.assert_close(m(x), ref_copy(x), rtol=0, atol=0)  # the very same modules
-    monkeypatch.setenv("FASTUNET_FUSED", "1")
-    assert m.is_fused_for(x) and not ConvBNReLU(3, 4, 3, fused=False).is_fused_for(x)
+    with settings.override(fused=False):  # FASTUNET_FUSED=0
+        assert not m.is_fused_for(x) and not ConvBNReLU(3, 4, 3, fused=True).is_fused_for(x)
+        ref = nn.Sequential(m.conv, m.bn, nn.ReLU())
+        ref_copy = copy.deepcopy(ref)
+        torch.testing.assert_close(m(x), ref_copy(x), rtol=0, atol=0)  # the very same modules
+    with settings.override(fused=True):  # FASTUNET_FUSED=1
+        assert m.is_fused_for(x) and not ConvBNReLU(3, 4, 3, fused=False).is_fused_for(x)
 
 
 def test_without_native_library_runs_unfused_silently(monkeypatch, recwarn):

@@ -7,7 +7,7 @@ import fastunet
 from fastunet import _native
 from fastunet.models import apply_overrides, build_segmentor, get_config
 from fastunet.nn import ConvBNReLU
-from fused_helpers import saved_bytes, unfused
+from fused_helpers import saved_bytes, trained_looking_bn, unfused
 
 needs_native = pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
 
@@ -17,15 +17,7 @@ def segmentor(name="fcn_unet_s5-d16_64x64_40k_drive", base=64):
         f"model.backbone.base_channels={base}", f"model.decode_head.in_channels={base}",
         f"model.auxiliary_head.in_channels={2 * base}"]
     torch.manual_seed(0)
-    model = build_segmentor(apply_overrides(get_config(name), overrides))
-    with torch.no_grad():  # trained-looking BN statistics, so that folding is not trivial
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-    return model
+    return trained_looking_bn(build_segmentor(apply_overrides(get_config(name), overrides)))
 
 
 @pytest.mark.parametrize("name, base", [("fcn_unet_s5-d16_64x64_40k_drive", 64),

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastunet import _native
+from fastunet import _native, conv_plan
 from fastunet.nn import ConvBNReLU
 from fastunet.ops import cpu_gemm_conv as gemm
 
@@ -42,23 +42,29 @@ def test_gemm_conv_and_gradients_equal_pytorch(shape, k):
     torch.testing.assert_close(gw_gemm, gw, rtol=1e-5, atol=1e-4)
 
 
-def test_use_gemm_only_where_it_applies():
+def _gemm(x, w, bias=None, geom=([1, 1], [1, 1], [1, 1], 1)):
+    """(forward and input gradient, weight gradient) as GEMMs in the training plan?"""
+    plan = conv_plan.training_plan(x, w, bias, *geom)
+    assert plan.forward == plan.grad_input
+    return plan.forward == "gemm", plan.grad_weight == "gemm"
+
+
+def test_gemm_only_where_it_applies():
     x, w, _ = _conv(4, 64, 64, 4, 3)
-    geom = ([1, 1], [1, 1], [1, 1], 1)
-    assert gemm.use_gemm(x, w, None, *geom) == (True, True)  # 64 output rows
-    assert gemm.use_gemm(x.contiguous(), w, None, *geom) == (False, False)  # NCHW
-    assert gemm.use_gemm(x.double(), w.double(), None, *geom) == (False, False)
-    assert gemm.use_gemm(x, w, torch.zeros(64), *geom) == (False, False)  # conv bias
-    assert gemm.use_gemm(x, w, None, [2, 2], [1, 1], [1, 1], 1) == (False, False)
-    assert gemm.use_gemm(x, w, None, [1, 1], [2, 2], [2, 2], 1) == (False, False)  # dilated
-    assert gemm.use_gemm(x, w, None, [1, 1], [0, 0], [1, 1], 1) == (False, False)  # "valid"
+    assert _gemm(x, w) == (True, True)  # 64 output rows
+    assert _gemm(x.contiguous(), w) == (False, False)  # NCHW
+    assert _gemm(x.double(), w.double()) == (False, False)
+    assert _gemm(x, w, torch.zeros(64)) == (False, False)  # conv bias
+    assert _gemm(x, w, None, ([2, 2], [1, 1], [1, 1], 1)) == (False, False)
+    assert _gemm(x, w, None, ([1, 1], [2, 2], [2, 2], 1)) == (False, False)  # dilated
+    assert _gemm(x, w, None, ([1, 1], [0, 0], [1, 1], 1)) == (False, False)  # "valid"
     big, wide, _ = _conv(4, 8, 8, 16, 3)  # 1024 rows: oneDNN
-    assert gemm.use_gemm(big, wide, None, *geom) == (False, False)
+    assert _gemm(big, wide) == (False, False)
     # 256 rows: only the weight gradient, and only for a wide weight
     mid = torch.empty(4, 1024, 8, 8).contiguous(memory_format=cl)
     wide = torch.empty(512, 1024, 3, 3).contiguous(memory_format=cl)
-    assert gemm.use_gemm(mid, wide, None, *geom) == (False, True)
-    assert gemm.use_gemm(mid, wide[:64], None, *geom) == (False, False)
+    assert _gemm(mid, wide) == (False, True)
+    assert _gemm(mid, wide[:64]) == (False, False)
 
 
 @pytest.mark.skipif(not _native.LOADED, reason="needs the native ops")
@@ -67,7 +73,7 @@ def test_fused_block_on_a_small_wide_layer_equals_the_modules():
     block = ConvBNReLU(32, 48, 3, padding=1).train().to(memory_format=cl)
     plain = unfused(block)
     x = torch.randn(4, 32, 4, 4).contiguous(memory_format=cl)
-    assert gemm.use_gemm(x, block.conv.weight, None, [1, 1], [1, 1], [1, 1], 1) == (True, True)
+    assert _gemm(x, block.conv.weight) == (True, True)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = block(xa), plain(xb)
     gy = torch.randn_like(ya)

@@ -1,8 +1,9 @@
 """Winograd F(4x4,3x3) in fused CPU training (fastunet/ops/cpu_winograd_conv.py and the native
 ``_winograd_conv3x3_train`` / ``_winograd_conv3x3_grad_weight``): the forward conv, the input
 gradient (the conv of the output gradient by the transposed, 180°-rotated weight) and the
-weight gradient against float64 PyTorch, where the fused training op dispatches them, that FASTUNET_WINOGRAD=0 restores the oneDNN path exactly, and that
-the results are deterministic (exact resume depends on it).
+weight gradient against float64 PyTorch, where the fused training op dispatches them (the plan of
+fastunet/conv_plan.py), that FASTUNET_WINOGRAD=0 restores the oneDNN path exactly, and that the
+results are deterministic (exact resume depends on it).
 
 Bound: 5e-5 of the largest magnitude, as tests/test_ops_winograd.py states for F(4x4,3x3).
 """
@@ -10,17 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastunet import _native
+from fastunet import _native, conv_plan, settings
 from fastunet.nn import ConvBNReLU
 from fastunet.ops import conv_bn_relu_train
-from fastunet.ops import cpu_winograd_conv as wconv
 
 from fused_helpers import unfused
 
 pytestmark = pytest.mark.skipif(not _native.LOADED, reason="needs the native extension")
 # the fused op dispatches Winograd only with its AVX-512 kernel (tests/test_cpu_isa.py runs the
 # op itself under the other ISAs)
-dispatching = pytest.mark.skipif(not (_native.LOADED and wconv._fast_kernel()),
+dispatching = pytest.mark.skipif(not (_native.LOADED and _native._C.winograd_fast_kernel()),
                                  reason="Winograd is dispatched only with AVX-512")
 
 CL = torch.channels_last
@@ -136,24 +136,27 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastunet._winograd_conv3x3_train.default, (gy, w, True, 0))
 
 
+def _winograd(x, w, bias=None, geom=GEOM):
+    plan = conv_plan.training_plan(x, w, bias, *geom)
+    return (plan.forward, plan.grad_input, plan.grad_weight) == ("winograd_f4",) * 3
+
+
 @dispatching
-def test_use_winograd_only_where_it_applies(monkeypatch):
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
+def test_winograd_only_where_it_applies():
     x, w, _ = _inputs(4, 64, 64, 16, 16)  # 64 tiles of 4x4
-    assert wconv.use_winograd(x, w, None, *GEOM) == (True, True, True)
-    assert wconv.use_winograd(x[:, :, :8, :8], w, None, *GEOM) == (False, False, False)  # 16 tiles
-    assert wconv.use_winograd(x.contiguous(), w, None, *GEOM) == (False, False, False)  # NCHW
-    assert wconv.use_winograd(x.double(), w.double(), None, *GEOM) == (False, False, False)
-    assert wconv.use_winograd(x, w, torch.zeros(64), *GEOM) == (False, False, False)  # conv bias
-    assert wconv.use_winograd(x, w, None, [2, 2], [1, 1], [1, 1], 1) == (False, False, False)
-    assert wconv.use_winograd(x, w, None, [1, 1], [2, 2], [2, 2], 1) == (False, False, False)
-    assert wconv.use_winograd(x[:, :16], w[:, :16], None, *GEOM) == (False, False, False)  # 16 in
-    assert wconv.use_winograd(x, w[:16], None, *GEOM) == (False, False, False)  # 16 out
+    assert _winograd(x, w)
+    assert not _winograd(x[:, :, :8, :8], w)  # 16 tiles
+    assert not _winograd(x.contiguous(), w)  # NCHW
+    assert not _winograd(x.double(), w.double())
+    assert not _winograd(x, w, torch.zeros(64))  # conv bias
+    assert not _winograd(x, w, None, ([2, 2], [1, 1], [1, 1], 1))
+    assert not _winograd(x, w, None, ([1, 1], [2, 2], [2, 2], 1))
+    assert not _winograd(x[:, :16], w[:, :16])  # 16 in
+    assert not _winograd(x, w[:16])  # 16 out
     one = torch.empty(4, 64, 32, 32).contiguous(memory_format=CL)
-    assert wconv.use_winograd(one, w[..., :1, :1], None, [1, 1], [0, 0], [1, 1], 1) == (
-        False, False, False)  # 1x1
-    monkeypatch.setenv("FASTUNET_WINOGRAD", "0")
-    assert wconv.use_winograd(x, w, None, *GEOM) == (False, False, False)
+    assert not _winograd(one, w[..., :1, :1], None, ([1, 1], [0, 0], [1, 1], 1))  # 1x1
+    with settings.override(winograd=False):
+        assert not _winograd(x, w)
 
 
 def _block_run(block, x, gy):
@@ -173,14 +176,13 @@ SHAPE = (1, 40, 29, 31)
 
 
 @dispatching
-def test_fused_block_equals_the_modules_through_winograd(monkeypatch):
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
+def test_fused_block_equals_the_modules_through_winograd():
     block = _fresh_block()
     plain = unfused(block)
     exact = unfused(block).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*SHAPE, generator=g).contiguous(memory_format=CL)
-    assert wconv.use_winograd(x, block.conv.weight, None, *GEOM) == (True, True, True)
+    assert _winograd(x, block.conv.weight)
     gy = torch.randn(SHAPE[0], 36, *SHAPE[2:], generator=g).contiguous(memory_format=CL)
     ya, gxa, gpa = _block_run(block, x, gy)
     yb, gxb, gpb = _block_run(plain, x, gy)
@@ -198,20 +200,20 @@ def test_fused_block_equals_the_modules_through_winograd(monkeypatch):
 
 @dispatching
 def test_switch_off_restores_the_onednn_path_exactly(monkeypatch):
-    """FASTUNET_WINOGRAD=0: the fused op's results are bit-equal to its path with Winograd never
-    dispatched; with it on they differ (so the comparison can fail)."""
+    """FASTUNET_WINOGRAD=0: the fused op's results are bit-equal to its path with a plan that
+    never picks Winograd; with it on they differ (so the comparison can fail)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(*SHAPE, generator=g).contiguous(memory_format=CL)
     gy = torch.randn(SHAPE[0], 36, *SHAPE[2:], generator=g).contiguous(memory_format=CL)
 
-    def run(env, never=False):
-        with monkeypatch.context() as m:
-            m.setenv("FASTUNET_WINOGRAD", env)
+    def run(winograd, never=False):
+        with monkeypatch.context() as m, settings.override(winograd=winograd):
             if never:
-                m.setattr(wconv, "use_winograd", lambda *a: (False, False, False))
+                library = conv_plan.ConvPlan("aten", "aten", "aten", "test")
+                m.setattr(conv_plan, "training_plan", lambda *a: library)
             return _block_run(_fresh_block(), x, gy)
 
-    off, never, on = run("0"), run("1", never=True), run("1")
+    off, never, on = run(False), run(True, never=True), run(True)
     for a, b, c in zip(off[:2], never[:2], on[:2]):
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
@@ -221,8 +223,7 @@ def test_switch_off_restores_the_onednn_path_exactly(monkeypatch):
 
 
 @dispatching
-def test_deterministic_run_to_run(monkeypatch):
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
+def test_deterministic_run_to_run():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 40, 17, 19, generator=g).contiguous(memory_format=CL)  # 2 x 5 x 5 tiles
     gy = torch.randn(2, 36, 17, 19, generator=g).contiguous(memory_format=CL)
@@ -243,10 +244,9 @@ def test_deterministic_run_to_run(monkeypatch):
 
 
 @dispatching
-def test_conv_bn_relu_train_functional_input_gradient_through_winograd(monkeypatch):
+def test_conv_bn_relu_train_functional_input_gradient_through_winograd():
     """The functional op (as the fused model calls it) with the input gradient by Winograd,
     against float64 autograd of conv2d -> batch_norm -> relu."""
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(*SHAPE, generator=g).contiguous(memory_format=CL)
     w = (torch.randn(36, 40, 3, 3, generator=g) / 19).contiguous(memory_format=CL)
@@ -266,10 +266,9 @@ def test_conv_bn_relu_train_functional_input_gradient_through_winograd(monkeypat
 
 
 @dispatching
-def test_training_steps_repeat_bit_for_bit(monkeypatch):
+def test_training_steps_repeat_bit_for_bit():
     """Exact resume needs a step to be a function of its inputs: three SGD steps of a block whose
     forward and input gradient run by Winograd, twice from the same start, end equal."""
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(*SHAPE, generator=g).contiguous(memory_format=CL)
 

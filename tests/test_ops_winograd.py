@@ -1,4 +1,5 @@
-"""The CPU Winograd convolution behind conv_bias_relu (csrc/cpu/winograd_kernel.cpp).
+"""The CPU Winograd convolution behind fastunet.ops.conv_bias_relu (csrc/cpu/winograd_kernel.cpp;
+which layers take it: fastunet/conv_plan.py).
 
 Error bounds, relative to the largest output magnitude, against a float64 F.conv2d:
 - F(2x2,3x3): 1e-5. Its transforms use only +-1 and 0.5, so the error is that of the fp32
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastunet import _native
+from fastunet import _native, ops, settings
 
 pytestmark = pytest.mark.skipif(not _native.LOADED, reason="needs the native extension")
 
@@ -32,7 +33,7 @@ def _op(*args, **kwargs):
 
 
 def _conv(x, w, b, relu=True):
-    return torch.ops.fastunet.conv_bias_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1, relu)
+    return ops.conv_bias_relu(x, w, b, 1, 1, 1, 1, relu)
 
 
 def _reference(x, w, b, relu):
@@ -105,36 +106,50 @@ DISPATCHED = (2, 32, 48, 32, 32)  # 2 * 8 * 8 = 128 tiles of 4x4: Winograd per t
 
 
 @DISPATCHES
-def test_conv_bias_relu_dispatches_and_the_switch_turns_it_off(monkeypatch):
+def test_conv_bias_relu_dispatches_and_the_switch_turns_it_off():
     x, w, b = _inputs(*DISPATCHED)
     ref = _reference(x, w, b, True)
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
     on = _conv(x, w, b)
     assert torch.equal(on, _op(x, w, b, True, 4))
-    monkeypatch.setenv("FASTUNET_WINOGRAD", "0")
-    off = _conv(x, w, b)
+    with settings.override(winograd=False):
+        off = _conv(x, w, b)
     assert not torch.equal(off, on)  # oneDNN's rounding differs from Winograd's
     assert _rel_err(off, ref) <= 1e-5 and _rel_err(on, ref) <= BOUND[4]
+    # the native op itself never decides: it is the oneDNN path
+    raw = torch.ops.fastunet.conv_bias_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1, True)
+    assert torch.equal(raw, off)
+
+
+@DISPATCHES
+def test_gradients_through_winograd_are_atens():
+    """Autograd through a Winograd layer (a conv trained under an eval-mode BN): ATen's
+    convolution backward on the ReLU-masked gradient, as for the oneDNN path."""
+    x, w, b = _inputs(*DISPATCHED)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    _conv(*leaves).square().sum().backward()
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    _reference(*ref, True).square().sum().backward()
+    for got, want in zip(leaves, ref):
+        assert _rel_err(got.grad, want.grad) <= BOUND[4]
 
 
 @DISPATCHES
 @pytest.mark.parametrize("n, hw, tile", [(2, 32, 4), (2, 16, 4), (2, 8, 2), (8, 4, 2), (4, 16, 4),
                                          (1, 8, 0), (2, 4, 0)])
-def test_small_maps_take_f2_then_onednn(n, hw, tile, monkeypatch):
-    """F(4x4) from 32 of its tiles, else F(2x2) from 32 of its tiles, else oneDNN (the rule in
-    winograd_tile_for, measured against packed-weight oneDNN)."""
+def test_small_maps_take_f2_then_onednn(n, hw, tile):
+    """F(4x4) from 32 of its tiles, else F(2x2) from 32 of its tiles, else oneDNN (the rule of
+    fastunet/conv_plan.py, measured against packed-weight oneDNN)."""
     x, w, b = _inputs(n, 64, 64, hw, hw)
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
     got = _conv(x, w, b)
     if tile:
         assert torch.equal(got, _op(x, w, b, True, tile))
     else:
-        monkeypatch.setenv("FASTUNET_WINOGRAD", "0")
-        assert torch.equal(got, _conv(x, w, b))
+        with settings.override(winograd=False):
+            assert torch.equal(got, _conv(x, w, b))
 
 
 @pytest.mark.parametrize("case", ["nchw", "3-channel", "few-tiles", "stride2", "1x1"])
-def test_conv_bias_relu_keeps_onednn_where_winograd_is_not_faster(case, monkeypatch):
+def test_conv_bias_relu_keeps_onednn_where_winograd_is_not_faster(case):
     n, cin, cout, h, w_ = DISPATCHED
     stride, pad, k = 1, 1, 3
     if case == "3-channel":
@@ -150,10 +165,9 @@ def test_conv_bias_relu_keeps_onednn_where_winograd_is_not_faster(case, monkeypa
         x = x.contiguous()
     w = torch.randn(cout, cin, k, k) * 0.1
     args = ([stride] * 2, [pad] * 2, [1, 1], 1, True)
-    monkeypatch.delenv("FASTUNET_WINOGRAD", raising=False)
-    on = torch.ops.fastunet.conv_bias_relu(x, w, b, *args)
-    monkeypatch.setenv("FASTUNET_WINOGRAD", "0")
-    assert torch.equal(torch.ops.fastunet.conv_bias_relu(x, w, b, *args), on)
+    on = ops.conv_bias_relu(x, w, b, *args)
+    with settings.override(winograd=False):
+        assert torch.equal(ops.conv_bias_relu(x, w, b, *args), on)
 
 
 # ----------------------------------------------------------------- the weight-transform cache

@@ -156,9 +156,11 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
     assert_same_state(*states)
 
 
-def test_fused_auto_is_fused_on_gpus_and_for_full_width_backbones_on_cpu():
+def test_fused_auto_is_fused_for_full_width_backbones_on_cpu_only():
+    from fastunet.conv_plan import train_fused_default
+
     narrow = fastunet.build_segmentor(fastunet.get_config("synthetic"))
     wide = fastunet.build_segmentor(fastunet.get_config("fcn_unet_s5-d16_64x64_40k_drive"))
-    assert train_cli._auto_fused(narrow, torch.device("cpu")) is False  # the plain modules
-    assert train_cli._auto_fused(wide, torch.device("cpu")) is None  # the fused kernels
-    assert train_cli._auto_fused(narrow, torch.device("cuda")) is None
+    assert train_fused_default(narrow, torch.device("cpu")) is False  # the plain modules
+    assert train_fused_default(wide, torch.device("cpu")) is True  # the fused kernels
+    assert train_fused_default(wide, torch.device("cuda")) is False  # committed GPU results

@@ -3,6 +3,8 @@
 // Inference: conv_bias_relu runs oneDNN's convolution with a fused ReLU post-op
 // (mkldnn::_convolution_pointwise, through the dispatcher) for float32 and for weights that
 // Python pre-packed into oneDNN's layout; otherwise ATen's convolution and an in-place ReLU.
+// (The layers that run by Winograd instead are sent to _winograd_conv3x3 by the Python wrapper,
+// on fastunet/conv_plan.py's decision.)
 // Training: per-channel statistics, normalise+affine+ReLU, and the two-pass backward. Every
 // reduction visits its values in an order fixed by the shapes alone (planes in order for NCHW,
 // fixed row chunks merged in order for NHWC), so results do not depend on the thread count.
@@ -21,7 +23,6 @@
 #include "common/bn_relu_args.h"
 #include "common/conv_bias_relu.h"
 #include "cpu/isa.h"
-#include "cpu/winograd.h"
 
 // The NHWC row loops, built for the baseline ISA and, on x86 with GCC/Clang, for AVX2 (picked at
 // run time). Both builds give identical results (see the header).
@@ -121,8 +122,6 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(input.device().is_cpu(), "conv_bias_relu (CPU kernel): input must be on CPU");
   check_conv_args(input, weight, bias, stride, padding, dilation, groups);
   const auto fmt = op_memory_format(input);
-  if (const int64_t tile = winograd_tile_for(input, weight, stride, padding, dilation, groups))
-    return winograd_conv3x3(input, weight, bias, relu, tile);
   if (!use_onednn(input, weight)) {
     const at::Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
     return conv_bias_relu_unfused(input, w, bias, stride, padding, dilation, groups, relu);

@@ -1,6 +1,7 @@
-// Winograd convolution (winograd_kernel.cpp) for the CPU inference op conv_bias_relu (fused bias
-// + ReLU) and the fused training op's forward and input gradient: float32, channels_last, 3x3,
-// stride 1, padding 1, dilation 1, groups 1.
+// Winograd convolutions (winograd_kernel.cpp) of CPU inference (fused bias + ReLU) and of the
+// fused training op's forward, input and weight gradient: float32, 3x3, stride 1, padding 1,
+// dilation 1, groups 1. Which layers run them is decided in one place, fastunet/conv_plan.py,
+// which calls the private ops _winograd_conv3x3* directly.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,13 +9,6 @@
 #include <optional>
 
 namespace fastunet {
-
-// Output tile size (2 for F(2x2,3x3), 4 for F(4x4,3x3)) conv_bias_relu uses for these
-// arguments, or 0 where oneDNN's direct convolution runs instead: wrong kind of convolution,
-// shapes where Winograd measured slower, or FASTUNET_WINOGRAD=0 in the environment.
-int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups);
 
 // relu?(conv3x3(input, weight, padding 1) + bias) by Winograd F(tile x tile, 3x3), channels_last
 // out. weight: dense or oneDNN-packed float (Cout, Cin, 3, 3); its transform is cached while the
@@ -24,8 +18,9 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
                             int64_t block = 0);
 
 // Whether this CPU and build run the Winograd products with their AVX-512 kernel (cpu/isa.h,
-// capped by FASTUNET_CPU_ISA): the AVX2/baseline builds are far slower than oneDNN, so neither
-// inference nor training dispatches Winograd without it.
+// capped by FASTUNET_CPU_ISA): the AVX2/baseline builds multiply through at::bmm per tile block
+// and measured 7.5x and 76x slower than it (64->64 channels, 8 x 64x64, on a Zen4 capped with
+// FASTUNET_CPU_ISA), far behind oneDNN, so conv_plan.py dispatches Winograd only with it.
 bool winograd_has_fast_kernel();
 
 // Training's F(4x4,3x3) convolutions, no bias or activation, channels_last out, the weight

@@ -10,7 +10,7 @@
 //      (vectorised across channels, contiguous in NHWC);
 //   2. alpha^2 matrix products M[xi] = V[xi] (tiles x Cin) @ U[xi] (Cin x Cout) by an AVX-512
 //      register-blocked kernel (wino_avx512::block_gemm; on other CPUs at::bmm_out, which is too
-//      slow to beat oneDNN, so winograd_tile_for sends those CPUs to oneDNN);
+//      slow to beat oneDNN, so fastunet/conv_plan.py sends those CPUs to oneDNN);
 //   3. output transform A^T M A + bias (+ ReLU) written straight into the NHWC output.
 // The buffers of a block are sized to stay in the core's L2 where the channel counts allow.
 // The weight transform U = G g G^T is computed in double once per weight tensor and cached
@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -377,11 +376,6 @@ at::Tensor run_conv(const at::Tensor& input, const at::Tensor& u, const float* b
   return y;
 }
 
-bool env_enabled() {
-  const char* v = std::getenv("FASTUNET_WINOGRAD");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
 }  // namespace
 
 // Weight gradient of conv3x3(x, w, padding 1) from its output gradient gy by F(4x4,3x3): every
@@ -473,37 +467,6 @@ at::Tensor winograd_conv3x3_grad_weight(const at::Tensor& input, const at::Tenso
 }
 
 bool winograd_has_fast_kernel() { return wino_isa() == Isa::kAvx512; }
-
-int64_t winograd_tile_for(const at::Tensor& input, const at::Tensor& weight,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups) {
-  if (!env_enabled()) return 0;
-  // Only with the AVX-512 matrix kernel: the AVX2 and baseline builds multiply through at::bmm
-  // per tile block and measured 7.5x and 76x slower than it (64->64 channels, 8 x 64x64, on a
-  // Zen4 capped with FASTUNET_CPU_ISA), far behind oneDNN's direct convolution.
-  if (wino_isa() != Isa::kAvx512) return 0;
-  if (input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
-      input.dim() != 4 || weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3 ||
-      groups != 1)
-    return 0;
-  for (int d = 0; d < 2; ++d)
-    if (stride[d] != 1 || padding[d] != 1 || dilation[d] != 1) return 0;
-  // NHWC only (the fused CPU model runs channels_last); NCHW inputs stay with oneDNN
-  if (input.is_contiguous() || !input.is_contiguous(at::MemoryFormat::ChannelsLast)) return 0;
-  // Measured on 2 EPYC Zen4 cores (2 threads) against oneDNN's direct convolution with its
-  // weight packed, as the fused model runs it (UNet-S5-D16 layers, 128-1024 channels, batch
-  // 1-16): F(4x4,3x3) was 1.4-2.5x faster from 32 of its 4x4 tiles up. Below that F(2x2,3x3)
-  // won from 32 of its 2x2 tiles (1.3-2.5x: 8x8 maps at batch 4, 4x4 maps at batch 8-16, 16x16
-  // at batch 1), and with fewer both lost (0.2-0.9x: each thread streams the transformed weight,
-  // 4x (F4) or 1.8x (F2) the direct one, for a handful of tiles). Few channels (the 3-channel
-  // first layer) leave the transforms nothing to amortise over.
-  const int64_t cin = input.size(1), cout = weight.size(0);
-  if (cin < 32 || cout < 32) return 0;
-  const int64_t n = input.size(0), h = input.size(2), w = input.size(3);
-  if (n * ((h + 3) / 4) * ((w + 3) / 4) >= 32) return 4;
-  if (n * ((h + 1) / 2) * ((w + 1) / 2) >= 32) return 2;
-  return 0;
-}
 
 at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool relu, int64_t tile,

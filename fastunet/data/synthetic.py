@@ -394,9 +394,10 @@ def green_channel_baseline(train_items, val_items):
 # ---------------------------------------------------------------- cache, layout, dataset
 
 def default_cache_dir():
-    """$FASTUNET_CACHE, else ~/.cache/fastunet."""
-    return os.environ.get("FASTUNET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "fastunet")
+    """$FASTUNET_CACHE, else ~/.cache/fastunet (fastunet.settings.cache_dir)."""
+    from ..settings import cache_dir
+
+    return cache_dir()
 
 
 def _params_key(seed, size):

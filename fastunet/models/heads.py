@@ -14,7 +14,8 @@ from .weight_init import InitWeights
 
 def resize(x, size, mode="bilinear", align_corners=False):
     """Resize a (N, C, h, w) map to ``size`` = (H, W) (mmseg's ``resize``, without its warnings)."""
-    size = tuple(int(s) for s in size)
+    # symbolic and traced sizes stay as they are, so exported graphs take any input size
+    size = tuple(s if isinstance(s, (torch.SymInt, torch.Tensor)) else int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size, None, mode, align_corners)

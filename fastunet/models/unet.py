@@ -57,7 +57,10 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         # an explicit output size, as mmseg computes it, keeps the resampling grid identical
-        size = self.size or [int(t * self.scale_factor) for t in x.shape[-2:]]
+        # (integer factors multiply the sizes as integers, so exporters and tracers keep them
+        # symbolic: the same sizes, and a graph for any input size)
+        f = self.scale_factor
+        size = self.size or [t * int(f) if f.is_integer() else int(t * f) for t in x.shape[-2:]]
         # recompute.interpolate is F.interpolate; in fused training it lets the next conv keep a
         # recipe instead of this output (fastunet.ops.recompute)
         return recompute.interpolate(x, size, None, self.mode, self.align_corners)

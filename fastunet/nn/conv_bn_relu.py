@@ -3,27 +3,67 @@
 Submodules are registered as ConvModule does (``conv``, ``bn``, ``activate``), so checkpoint keys
 are ``conv.weight`` and ``bn.{weight,bias,running_mean,running_var,num_batches_tracked}``.
 
-Fused paths (the default; ``fused=False`` or the environment variable ``FASTUNET_FUSED=0``
-select the plain modules):
-- eval: BN folded into the conv weight and bias once, cached on the module until a weight or a
-  BN statistic changes (version counters, storage and identity of the tensors are compared on
-  every call; ``.to()``/``.cuda()``/``train()`` clear the cache), then conv + bias + ReLU in one
-  native call;
+Which path a block runs (``is_fused_for``): ``fused=True`` the fused kernels, ``fused=False`` the
+plain modules, ``fused=None`` (the default) the device's default from fastunet/defaults.py (CPU:
+fused; CUDA: the plain modules, which the committed GPU results show faster).
+``FASTUNET_FUSED=0``/``1`` overrides the default for every block (``0`` also beats ``fused=True``).
+The fused paths:
+
+- eval: BN folded into the conv weight and bias once per model state, then conv + bias + ReLU in
+  one native call (the convolution algorithm: fastunet/conv_plan.py). The fold is cached on the
+  module and checked on each call against one number, the sum of the six source tensors' version
+  counters (any in-place change raises it); ``train()``, ``.to()``/``.half()``, ``load_state_dict``
+  and assigning a new parameter, buffer or submodule anywhere drop it. Edits through
+  ``tensor.data`` are invisible to version counters: call ``clear_fold_cache()`` after them. With
+  autograd recording (e.g. BN frozen in eval while the conv trains) the plain modules run.
 - training: ``fastunet.ops.conv_bn_relu_train`` (one saved activation per block, fused BN+ReLU
   kernels, nn.BatchNorm2d's running-statistics update, SyncBN across ranks).
+
+Under TorchScript, tracing, ONNX export and ``torch.export`` a block runs standard ATen ops only
+(eval: the convolution with BN folded in, then ReLU; else the plain modules), so exported graphs
+carry no fastunet op.
 """
-import os
+import itertools
 
 import torch
 import torch.nn as nn
 
-from .. import _native
+from .. import _native, defaults, settings
 from ..ops import conv_bn_relu as cbr
 
 
 def fused_enabled():
     """False when the environment sets FASTUNET_FUSED=0: then every block runs unfused."""
-    return os.environ.get("FASTUNET_FUSED", "1").strip() != "0"
+    return settings.current().fused is not False
+
+
+# Bumped whenever a parameter, buffer or submodule is assigned anywhere (rare after a model is
+# built): a fold cache made before holds tensors that may no longer be the module's.
+_ASSIGNMENTS = itertools.count()
+_EPOCH = [0]
+
+
+def _assigned(*_):
+    _EPOCH[0] = next(_ASSIGNMENTS)
+
+
+for _hook in (nn.modules.module.register_module_parameter_registration_hook,
+              nn.modules.module.register_module_buffer_registration_hook,
+              nn.modules.module.register_module_module_registration_hook):
+    _hook(_assigned)
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch.export
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    """Whether a tracer or exporter records this call (its graph must hold standard ops only)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting()
+
+
+def _cast(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _norm_layer(norm_cfg, channels):
@@ -88,9 +128,12 @@ class ConvBNReLU(nn.Module):
     ``norm_cfg=None`` or ``act_cfg=None`` drop the BN or the ReLU; ``bias='auto'`` means a conv
     bias only without BN, as in mmcv. Initialisation follows ConvModule: Kaiming normal
     (fan_out, relu) conv weights, zero bias, BN weight 1 and bias 0. ``fused``: None (default)
-    or True use the fused kernels unless FASTUNET_FUSED=0; False always runs the plain modules.
-    Without the native library the plain modules run.
+    follows the device's default (fused on CPU, the plain modules on CUDA), True asks for the
+    fused kernels, False always runs the plain modules; FASTUNET_FUSED=0 runs the plain modules
+    everywhere. Without the native library the plain modules run.
     """
+
+    __jit_unused_properties__ = ["norm"]  # TorchScript: the modules are enough
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias="auto", conv_cfg=None, norm_cfg=dict(type="BN"),
@@ -149,6 +192,10 @@ class ConvBNReLU(nn.Module):
         self._fold_cache = None
         return super().train(mode)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fold_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def _fold_sources(self):
         bn = self.bn
         return (self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.weight,
@@ -157,28 +204,43 @@ class ConvBNReLU(nn.Module):
     def _folded(self, x, dtype):
         """(weight, bias, packed weight or None) with BN folded in, for inputs like x."""
         srcs = self._fold_sources()
-        key = (dtype, x.device, float(self.bn.eps),
-               tuple(None if t is None else (t._version, t.data_ptr()) for t in srcs))
+        versions = sum(t._version for t in srcs if t is not None)
         cache = self._fold_cache
-        if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], srcs)):
-            return cache[2]
+        if (cache is not None and cache[0] == versions and cache[1] == _EPOCH[0]
+                and cache[2] is dtype):
+            return cache[3]
         with torch.no_grad():
             w, b = cbr.fold_bn(*srcs, self.bn.eps, dtype=dtype)
             folded = (w, b, pack_for_onednn(w, self.conv, x))
-        self._fold_cache = (key, srcs, folded)
+        self._fold_cache = (versions, _EPOCH[0], dtype, folded)
         return folded
 
     # -- forward -----------------------------------------------------------------------------
 
     def is_fused_for(self, x):
         """Whether forward(x) takes a fused path."""
-        if self.fused is False or not fused_enabled() or not _native.use_native(x):
+        fused = self.fused
+        if fused is False or settings.current().fused is False or not _native.use_native(x):
             return False
         if x.dim() != 4 or x.numel() == 0 or self.conv.padding_mode != "zeros":
             return False
-        return not self.with_norm or isinstance(self.bn, (nn.BatchNorm2d, nn.SyncBatchNorm))
+        if self.with_norm and not isinstance(self.bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            return False
+        if fused is None and settings.current().fused is None:  # the device's default
+            training = self.with_norm and (self.bn.training or self.bn.running_mean is None)
+            return defaults.custom_default("fused_training" if training else "fused_inference",
+                                           x.device.type)
+        return True
 
     def forward(self, x):
+        if torch.jit.is_scripting():
+            return self._forward_unfused(x)
+        if _exporting():
+            return self._forward_standard(x)
+        return self._forward_native(x)
+
+    @torch.jit.unused
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_fused_for(x):
             return self._forward_unfused(x)
         if not self.with_norm:
@@ -189,11 +251,21 @@ class ConvBNReLU(nn.Module):
 
     def _forward_unfused(self, x):
         x = self.conv(x)
-        if self.with_norm:
+        if hasattr(self, "bn"):  # (TorchScript resolves hasattr when compiling)
             x = self.bn(x)
-        if self.with_activation:
+        if hasattr(self, "activate"):
             x = self.activate(x)
         return x
+
+    @torch.jit.unused
+    def _forward_standard(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard ATen ops only: in eval the convolution with BN folded in (an exporter folds
+        the fold's arithmetic on the weights into constants), then ReLU; else the modules."""
+        if not self.with_norm or self.bn.training or self.bn.running_mean is None:
+            return self._forward_unfused(x)
+        w, b = cbr.fold_bn(*self._fold_sources(), self.bn.eps, dtype=x.dtype)
+        y = torch.nn.functional.conv2d(x, w, b, *self._conv_args())
+        return torch.relu(y) if self.with_activation else y
 
     def _conv_args(self):
         c = self.conv
@@ -204,21 +276,23 @@ class ConvBNReLU(nn.Module):
             return self.conv(x)
         dt = cbr.compute_dtype(x)
         c = self.conv
-        bias = None if c.bias is None else c.bias.to(dt)
-        return cbr.conv_bias_relu(x.to(dt), c.weight.to(dt), bias, *self._conv_args(), relu=True)
+        bias = None if c.bias is None else _cast(c.bias, dt)
+        return cbr.conv_bias_relu(_cast(x, dt), _cast(c.weight, dt), bias, *self._conv_args(),
+                                  relu=True)
 
     def _forward_eval(self, x):
-        conv, bn = self.conv, self.bn
         dt = cbr.compute_dtype(x)
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t is not None and t.requires_grad for t in self._fold_sources()))
-        if grad or torch.compiler.is_compiling():
-            # differentiable fold (e.g. norm_eval fine-tuning): recomputed on every call
-            w, b = cbr.fold_bn(*self._fold_sources(), bn.eps, dtype=dt)
+        if torch.compiler.is_compiling():  # a differentiable fold, which the compiler traces
+            w, b = cbr.fold_bn(*self._fold_sources(), self.bn.eps, dtype=dt)
             packed = None
+        elif torch.is_grad_enabled() and (x.requires_grad or any(
+                t is not None and t.requires_grad for t in self._fold_sources())):
+            # autograd records (e.g. BN frozen in eval while the conv trains): a fold would be
+            # redone on every call and cost more ops than the modules it replaces
+            return self._forward_unfused(x)
         else:
             w, b, packed = self._folded(x, dt)
-        return cbr.conv_bias_relu(x.to(dt), w if packed is None else packed, b,
+        return cbr.conv_bias_relu(_cast(x, dt), w if packed is None else packed, b,
                                   *self._conv_args(), relu=self.with_activation)
 
     def _forward_train(self, x):

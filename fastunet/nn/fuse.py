@@ -15,6 +15,10 @@ statistics, which a training BN does not); BN layers in training mode inside an 
 convs with non-zero padding modes are skipped with a warning. The result computes the same
 function (fp32 outputs equal to ~1e-6 relative) and is meant for inference: folded layers hold
 constant weights, so their state_dict keys differ (``<conv>.weight``/``.bias``, BN keys gone).
+
+Devices: where fastunet/defaults.py picks the plain modules for inference (CUDA), ``fuse`` leaves
+the ``ConvBNReLU`` blocks on their device default and a ``FoldedConv2d`` runs ATen's convolution
+and ReLU instead of fastunet's op; ``FASTUNET_FUSED=1`` asks for the fused kernels there too.
 With FASTUNET_FUSED=0 the model is returned unchanged.
 """
 import warnings
@@ -22,9 +26,11 @@ import warnings
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
+from .. import defaults, settings
 from ..ops import conv_bn_relu as cbr
-from .conv_bn_relu import ConvBNReLU, fused_enabled, pack_for_onednn
+from .conv_bn_relu import ConvBNReLU, _exporting, fused_enabled, pack_for_onednn
 
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBN in eval mode is a plain BN
@@ -61,8 +67,24 @@ class FoldedConv2d(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x):
+        if torch.jit.is_scripting() or _exporting():
+            return self._forward_standard(x)
+        return self._forward_native(x)
+
+    def _forward_standard(self, x):
+        """ATen's convolution and ReLU (TorchScript, exporters, devices defaulting to plain)."""
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                     self.groups)
+        return torch.relu(y) if self.relu else y
+
+    @torch.jit.unused
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        if settings.current().fused is None and not defaults.custom_default(
+                "fused_inference", x.device.type):
+            return self._forward_standard(x)
         dt = cbr.compute_dtype(x)
-        w, b = self.weight.to(dt), self.bias.to(dt)
+        w = self.weight if self.weight.dtype == dt else self.weight.to(dt)
+        b = self.bias if self.bias.dtype == dt else self.bias.to(dt)
         tracking = torch.is_grad_enabled() and x.requires_grad
         if not tracking and not torch.compiler.is_compiling():
             # keyed on the parameter: its cast copy w may be an inference tensor (no version)
@@ -71,18 +93,16 @@ class FoldedConv2d(nn.Module):
                 self._packed = (key, pack_for_onednn(w, self, x))
             if self._packed[1] is not None:
                 w = self._packed[1]
-        return cbr.conv_bias_relu(x.to(dt), w, b, self.stride, self.padding, self.dilation,
-                                  self.groups, relu=self.relu)
+        return cbr.conv_bias_relu(x if x.dtype == dt else x.to(dt), w, b, self.stride,
+                                  self.padding, self.dilation, self.groups, relu=self.relu)
 
 
 def cpu_fused_layout(model, x):
     """channels_last if `model` should run the NCHW CPU input x in channels_last, else None.
 
-    oneDNN's convolutions and fastunet's fused CPU kernels are faster in NHWC (UNet-S5-D16 + FCN
-    on 2 EPYC cores, fused inference on a batch of 8 64x64 windows: 0.24 s from a channels_last
-    input vs 0.31 s from NCHW without this conversion, benchmarks/bench_conv_bn_relu.py), so a
-    model with fused blocks (inference or training) converts its input once where it enters,
-    instead of every block paying a layout round trip.
+    oneDNN's convolutions and fastunet's fused CPU kernels are faster in NHWC
+    (benchmarks/bench_conv_bn_relu.py), so a model with fused blocks (inference or training)
+    converts its input once where it enters, instead of every block paying a layout round trip.
     """
     if (x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
             or not x.is_contiguous()
@@ -112,7 +132,7 @@ def _foldable(conv, bn, where):
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, ConvBNReLU) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (ConvBNReLU, FoldedConv2d)) or super().is_leaf_module(m, qualname)
 
 
 def _set(root, qualname, module):
@@ -187,7 +207,7 @@ def fuse(model):
     """Return `model` (in eval mode) with its Conv2d -> BatchNorm2d (-> ReLU) chains fused.
 
     Raises RuntimeError for a model in training mode. See the module docstring for what is
-    fused and how safety is established.
+    fused, how safety is established and what runs on each device.
     """
     if model.training:
         raise RuntimeError("fuse() folds BatchNorm running statistics into the convolutions, "
@@ -196,7 +216,7 @@ def fuse(model):
         warnings.warn("fuse: FASTUNET_FUSED=0, so the model is left unfused", stacklevel=2)
         return model
     for m in model.modules():
-        if isinstance(m, ConvBNReLU):
-            m.fused = True
+        if isinstance(m, ConvBNReLU) and m.fused is False:
+            m.fused = None  # the device's default: fused where that measured faster
     _fuse_module(model)
     return model.eval()

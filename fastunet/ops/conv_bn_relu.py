@@ -1,13 +1,13 @@
 """Fused Conv-BN-ReLU: typed wrappers of the ``torch.ops.fastunet`` ops, fake kernels, autograd.
 
 Inference: ``fold_bn`` folds an eval-mode BatchNorm into the conv weight and bias once, then
-``conv_bias_relu`` runs conv + bias + ReLU in one pass (oneDNN post-op on CPU, cuDNN fused
-conv-bias-activation on CUDA).
+``conv_bias_relu`` runs conv + bias + ReLU in one pass (on CPU by Winograd or oneDNN with a ReLU
+post-op, on CUDA cuDNN's convolution and an in-place ReLU).
 
-Training: ``conv_bn_relu_train`` runs the convolution (ATen/cuDNN; on CPU, small wide layers as
-GEMMs, see ``cpu_gemm_conv``, and larger maps' forward, input and weight gradient by Winograd,
-see ``cpu_winograd_conv``), the per-channel batch statistics, normalise+affine+ReLU and the
-fused backward. It saves only the conv output and the
+Training: ``conv_bn_relu_train`` runs the convolution, the per-channel batch statistics,
+normalise+affine+ReLU and the fused backward. Which algorithm computes the convolution and its
+two gradients (ATen/cuDNN, GEMMs for small wide CPU layers, Winograd for larger CPU maps) is
+fastunet/conv_plan.py's decision. It saves only the conv output and the
 statistics: the backward recomputes the normalised values and the ReLU mask, and the block's
 input is rebuilt from the previous block's saved conv output when it has a recipe
 (``fastunet.ops.recompute``). ``batch_norm_relu`` is the BN+ReLU part alone (traceable by
@@ -19,11 +19,12 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from .. import _native
+from .. import _native, conv_plan
 from . import conv_bn_relu_reference as ref
 from . import cpu_gemm_conv as gemm_conv
 from . import cpu_winograd_conv as winograd_conv
 from . import recompute
+from ..conv_plan import ATEN, GEMM, WINOGRAD_F4
 from .conv_bn_relu_reference import fold_bn  # noqa: F401  (public: fastunet.ops.fold_bn)
 
 _OPS = torch.ops.fastunet if _native.LOADED else None
@@ -37,12 +38,16 @@ def conv_bias_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, gr
                    relu=True):
     """relu(conv2d(input, weight) + bias) in one pass, returned in the input's memory format.
 
-    weight may also be a oneDNN-packed tensor (CPU inference; see ConvBNReLU's fold cache).
+    weight may also be a oneDNN-packed tensor (CPU inference; see ConvBNReLU's fold cache). The
+    algorithm is ``conv_plan.inference_plan``'s.
     """
     args = (_pair(stride), _pair(padding), _pair(dilation), int(groups), bool(relu))
-    if _native.use_native(input):
-        return _OPS.conv_bias_relu(input, weight, bias, *args)
-    return ref.conv_bias_relu(input, weight, bias, *args)
+    if not _native.use_native(input):
+        return ref.conv_bias_relu(input, weight, bias, *args)
+    tile = conv_plan.inference_plan(input, weight, *args[:4]).winograd_tile
+    if tile:
+        return _OPS._winograd_conv3x3(input, weight, bias, args[4], tile)
+    return _OPS.conv_bias_relu(input, weight, bias, *args)
 
 
 def bn_stats(input):
@@ -163,8 +168,12 @@ def _stats_outputs(ctx, y, mean, var, count):
     return y, mean, var
 
 
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _cast_like(grad, t):
-    return None if grad is None or t is None else grad.to(t.dtype)
+    return None if grad is None or t is None else _cast(grad, t.dtype)
 
 
 class _BNReLUTrain(torch.autograd.Function):
@@ -172,6 +181,7 @@ class _BNReLUTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, relu, group):
+        ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros
         mean, var, count = _batch_stats(x, group)
         y = bn_relu(x, mean, var, weight, bias, eps, relu)
         ctx.save_for_backward(x, mean, var, weight, bias)
@@ -180,6 +190,8 @@ class _BNReLUTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, *_):
+        if grad is None:
+            return (None,) * 6
         x, mean, var, weight, bias = ctx.saved_tensors
         eps, relu, group, count = ctx.cfg
         gx, gw, gb = _bn_relu_grads(grad, x, mean, var, weight, bias, eps, relu, group, count)
@@ -210,32 +222,54 @@ def _register_output(y, c, mean, var, bn_weight, bn_bias, eps, relu):
     recompute.register(y, lambda *a: bn_relu(*a, eps, relu), c, mean, var, bn_weight, bn_bias)
 
 
+def _conv_forward(algorithm, x, weight, bias, cfg):
+    if algorithm == GEMM:
+        return gemm_conv.conv2d(x, weight)
+    if algorithm == WINOGRAD_F4:
+        return winograd_conv.conv2d(x, weight)
+    return F.conv2d(x, weight, bias, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
+
+
+def _conv_grads(plan, gc, x, weight, cfg, need):
+    """(grad_input, grad_weight, grad_bias) of the convolution by the plan's algorithms."""
+    gx = gw = gb = None
+    mask = [need[0] and plan.grad_input == ATEN, need[1] and plan.grad_weight == ATEN, need[2]]
+    if any(mask):
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gc, x, weight, [weight.shape[0]] if need[2] else None, cfg.stride, cfg.padding,
+            cfg.dilation, False, [0, 0], cfg.groups, mask)
+    if need[0] and plan.grad_input == GEMM:
+        gx = gemm_conv.grad_input(gc, weight, x.shape)
+    elif need[0] and plan.grad_input == WINOGRAD_F4:
+        gx = winograd_conv.grad_input(gc, weight)
+    if need[1] and plan.grad_weight == GEMM:
+        gw = gemm_conv.grad_weight(gc, x, weight.shape[2])
+    elif need[1] and plan.grad_weight == WINOGRAD_F4:
+        gw = winograd_conv.grad_weight(gc, x, weight)
+    return gx, gw, gb
+
+
 class _ConvBNReLUTrain(torch.autograd.Function):
     """conv -> BN(batch statistics) -> ReLU keeping one activation: the conv output.
 
     The convolution runs in `cfg.dtype` (autocast's) from casts made here, so no low-precision
     weight copy is cached or saved: backward casts the weight again. The input is saved only when
-    it has no recipe; otherwise backward rebuilds it.
+    it has no recipe; otherwise backward rebuilds it. The convolution's algorithms are the
+    block's ``conv_plan.training_plan``, chosen in forward and kept for backward.
     """
 
     @staticmethod
     def forward(ctx, x, conv_weight, conv_bias, bn_weight, bn_bias, cfg, x_recipe):
+        ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros
         dt = cfg.dtype
-        cb = None if conv_bias is None else conv_bias.to(dt)
-        xc, wc = x.to(dt), conv_weight.to(dt)
-        conv_args = (xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
-        gemm = gemm_conv.use_gemm(*conv_args)
-        wino = (False,) * 3 if gemm[0] else winograd_conv.use_winograd(*conv_args)
-        if gemm[0]:
-            c = gemm_conv.conv2d(xc, wc)
-        elif wino[0]:
-            c = winograd_conv.conv2d(xc, wc)
-        else:
-            c = F.conv2d(xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
+        cb, xc, wc = _cast(conv_bias, dt), _cast(x, dt), _cast(conv_weight, dt)
+        plan = conv_plan.training_plan(xc, wc, cb, cfg.stride, cfg.padding, cfg.dilation,
+                                       cfg.groups)
+        c = _conv_forward(plan.forward, xc, wc, cb, cfg)
         mean, var, count = _batch_stats(c, cfg.group)
         y = bn_relu(c, mean, var, bn_weight, bn_bias, cfg.eps, cfg.relu)
         ctx.cfg, ctx.count, ctx.x_recipe, ctx.x_dtype = cfg, count, x_recipe, x.dtype
-        ctx.gemm, ctx.wino_grads = gemm, wino[1:]
+        ctx.plan = plan
         ctx.save_for_backward(c, mean, var, conv_weight, bn_weight, bn_bias,
                               x if x_recipe is None else None)
         if cfg.register:
@@ -245,6 +279,8 @@ class _ConvBNReLUTrain(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, *_):
+        if grad is None:  # the output itself was not used
+            return (None,) * 7
         c, mean, var, weight, bn_weight, bn_bias, x = ctx.saved_tensors
         cfg = ctx.cfg
         gc, gbw, gbb = _bn_relu_grads(grad, c, mean, var, bn_weight, bn_bias, cfg.eps, cfg.relu,
@@ -254,25 +290,11 @@ class _ConvBNReLUTrain(torch.autograd.Function):
         if need[0] or need[1] or need[2]:
             if x is None:
                 x = ctx.x_recipe.materialize()
-            xc, wc = x.to(cfg.dtype), weight.to(cfg.dtype)
-            gemm_in, gemm_w = ctx.gemm
-            wino_in, wino_w = ctx.wino_grads
-            mask = [need[0] and not (gemm_in or wino_in), need[1] and not (gemm_w or wino_w),
-                    need[2]]
-            if any(mask):
-                gx, gw, gcb = torch.ops.aten.convolution_backward(
-                    gc, xc, wc, [weight.shape[0]] if need[2] else None, cfg.stride, cfg.padding,
-                    cfg.dilation, False, [0, 0], cfg.groups, mask)
-            if need[0] and gemm_in:
-                gx = gemm_conv.grad_input(gc, wc, xc.shape)
-            elif need[0] and wino_in:
-                gx = winograd_conv.grad_input(gc, wc)
-            if need[1] and gemm_w:
-                gw = gemm_conv.grad_weight(gc, xc, wc.shape[2])
-            elif need[1] and wino_w:
-                gw = winograd_conv.grad_weight(gc, xc, wc)
-        return (gx.to(ctx.x_dtype) if need[0] else None, _cast_like(gw, weight) if need[1] else None,
-                gcb if need[2] else None, _cast_like(gbw, bn_weight) if need[3] else None,
+            gx, gw, gcb = _conv_grads(ctx.plan, gc, _cast(x, cfg.dtype),
+                                         _cast(weight, cfg.dtype), cfg, need)
+        return (_cast(gx, ctx.x_dtype) if need[0] else None,
+                _cast_like(gw, weight) if need[1] else None, gcb if need[2] else None,
+                _cast_like(gbw, bn_weight) if need[3] else None,
                 _cast_like(gbb, bn_bias) if need[4] else None, None, None)
 
 
@@ -401,7 +423,14 @@ if _native.LOADED:
         mask = [need[0], need[1], need[2] and ctx.has_bias]
         gi, gw, gb = torch.ops.fastunet.conv_bias_relu_backward(
             grad, output, input, weight, stride, padding, dilation, groups, relu, mask)
-        return gi, gw, gb, None, None, None, None, None
+        return (gi, gw, gb) + (None,) * (len(need) - 3)
+
+    def _winograd_setup(ctx, inputs, output):
+        input, weight, bias, relu = inputs[:4]
+        # a 3x3 / stride 1 / padding 1 conv_bias_relu: the same backward
+        _conv_setup(ctx, (input, weight, bias, [1, 1], [1, 1], [1, 1], 1, relu), output)
 
     torch.library.register_autograd("fastunet::conv_bias_relu", _conv_backward,
                                     setup_context=_conv_setup)
+    torch.library.register_autograd("fastunet::_winograd_conv3x3", _conv_backward,
+                                    setup_context=_winograd_setup)

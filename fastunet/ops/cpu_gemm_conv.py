@@ -3,46 +3,15 @@
 oneDNN's direct convolution spends most of its time outside the arithmetic when a layer has
 few pixels and many channels (UNet-S5-D16's 1024-channel stage at 4x4, batch 4: 64 output rows
 against a 1024 x 9216 weight), and its weight gradient is worst there. Written as matrix
-products over a channels_last im2col, such a layer costs a fraction: on 2 EPYC cores, the
-1024->1024 4x4 conv takes 8.7 ms forward, 10 ms input gradient and 21 ms weight gradient as GEMMs
-against 23, 27 and 57 ms through oneDNN (benchmarks/bench_train.py runs the whole step). Larger
-images keep oneDNN, which is faster from 8x8 on except for the weight gradient of the widest layers.
+products over a channels_last im2col, such a layer costs a fraction (per-layer and whole-step
+timings: benchmarks/bench_train.py, benchmarks/results/).
 
 Used by the fused training op (``conv_bn_relu_train``) on CPU for float32 channels_last inputs of
-stride-1, undilated, ungrouped, unbiased, "same"-padded convolutions; results equal oneDNN's up to
-float summation order.
+stride-1, undilated, ungrouped, unbiased, "same"-padded convolutions, on the layers
+fastunet/conv_plan.py picks; results equal oneDNN's up to float summation order.
 """
 import torch
 import torch.nn.functional as F
-
-# output rows (N * H * W) up to which the whole layer runs as GEMMs ...
-GEMM_ROWS = 128
-# ... and up to which the weight gradient does for weights of at least GEMM_WGRAD_NUMEL values
-GEMM_WGRAD_ROWS = 512
-GEMM_WGRAD_NUMEL = 1 << 22
-
-
-def _is_channels_last(x):
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
-
-
-def _eligible(x, weight, bias, stride, padding, dilation, groups):
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or bias is not None or groups != 1 or not _is_channels_last(x)):
-        return False
-    kh, kw = weight.shape[2:]
-    return (list(stride) == [1, 1] and list(dilation) == [1, 1] and kh == kw and kh % 2 == 1
-            and list(padding) == [kh // 2, kw // 2])
-
-
-def use_gemm(x, weight, bias, stride, padding, dilation, groups):
-    """(forward and input gradient, weight gradient): which of them run as GEMMs for this conv."""
-    if not _eligible(x, weight, bias, stride, padding, dilation, groups):
-        return False, False
-    rows = x.shape[0] * x.shape[2] * x.shape[3]
-    whole = rows <= GEMM_ROWS
-    return whole, whole or (rows <= GEMM_WGRAD_ROWS and weight.numel() >= GEMM_WGRAD_NUMEL)
 
 
 def _im2col(x, k):
