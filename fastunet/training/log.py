@@ -84,11 +84,11 @@ class RunLog:
         self._tb = _tensorboard(os.path.join(work_dir, "tensorboard"))
 
     def _rewrite(self):
-        tmp = self.jsonl_path + ".tmp"
-        with open(tmp, "w") as f:
+        from ..atomic import atomic_write
+
+        with atomic_write(self.jsonl_path, "w") as f:
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.jsonl_path)
 
     def _append(self, record):
         self.records.append(record)
