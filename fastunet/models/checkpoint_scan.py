@@ -17,6 +17,8 @@ Python objects to rebuild. :func:`scan_checkpoint` walks that pickle's opcodes o
 The names then allowed are handed to ``torch.load(weights_only=True)``; the inert ones are
 replaced by :class:`fastunet.models.checkpoint.OpaqueObject` stand-ins.
 """
+import functools
+import io
 import math
 import os
 import pickletools
@@ -92,12 +94,13 @@ def _numpy_dtype_classes():
     return tuple(names)
 
 
+@functools.lru_cache(maxsize=None)
 def _allowlist():
     import torch
 
     dtypes = {f"torch.{n}" for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
     storages = _storage_itemsizes()
-    return (set(ALLOWED_PLAIN) | set(_NUMPY) | set(_numpy_dtype_classes()) | set(INERT)
+    return (frozenset(ALLOWED_PLAIN) | set(_NUMPY) | set(_numpy_dtype_classes()) | set(INERT)
             | dtypes | set(storages)), storages
 
 
@@ -279,8 +282,7 @@ def _scan_zip(path):
         prefix = pickles[0].filename[:-len("data.pkl")]
         sizes = {i.filename: i.file_size for i in infos}
         scan = _Scan()
-        with z.open(pickles[0]) as f:
-            _walk_until_broken(f, scan)
+        _walk_until_broken(io.BytesIO(z.read(pickles[0])), scan)  # small; read whole, fast
     return scan, lambda key: sizes.get(f"{prefix}data/{key}")
 
 
