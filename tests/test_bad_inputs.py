@@ -215,7 +215,7 @@ def test_clis_exit_in_one_line_as_processes(fx, tmp_path):
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
-    from test_convert import _zip, drive_archives
+    from test_convert import _zip, drive_archives, replace_with_deflated_zeros
 
     d = tmp_path_factory.mktemp("archives")
     good = drive_archives(d)
@@ -239,38 +239,23 @@ def archives(tmp_path_factory):
     out = {"good": good, "short": short, "bad": bad, "corrupt": [str(corrupt / "training.zip"),
                                                                  good[1]], "dir": d}
     member = "training/images/21_training.tif"
-    for name, replace in (("huge", _png_with_size(12000, 12000)), ("dup", None), ("bomb", None)):
+    with zipfile.ZipFile(good[0]) as z:
+        originals = {n: z.read(n) for n in z.namelist()}
+    for name in ("huge", "dup", "bomb"):
         (d / name).mkdir()
-        path = d / name / "training.zip"
-        with zipfile.ZipFile(path, "w") as z:
-            for n, data in members.items():
-                z.writestr(n, replace if n == member and replace is not None else
-                           (b"II*\x00" if n == member and name == "bomb" else data))
-            if name == "dup":
-                with pytest.warns(UserWarning, match="Duplicate name"):
-                    z.writestr(member, members[member])
+        path = _zip(d / name / "training.zip", dict(originals, **{
+            member: _png_with_size(12000, 12000)}) if name == "huge" else originals)
+        if name == "dup":  # the same member twice inside one archive
+            with zipfile.ZipFile(path, "a") as z, pytest.warns(UserWarning, match="Duplicate"):
+                z.writestr(member, originals[member])
         if name == "bomb":  # the image replaced by a member that inflates to 256 MiB
-            _replace_with_deflated_zeros(path, member, 256 << 20)
-        out[name] = [str(path), good[1]]
+            replace_with_deflated_zeros(path, member, 256 << 20)
+        out[name] = [path, good[1]]
     os.mkdir(d / "renamed")
     out["renamed"] = [str(d / "renamed" / "drive-train-v2.zip"), str(d / "renamed" / "t.zip")]
     for src, dst in zip(short, out["renamed"]):
         os.link(src, dst)
     return out
-
-
-def _replace_with_deflated_zeros(path, member, size):
-    """Rewrite the zip at ``path`` with ``member`` a deflated stream of ``size`` zero bytes."""
-    with zipfile.ZipFile(path) as z:
-        members = {n: z.read(n) for n in z.namelist() if n != member}
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in members.items():
-            z.writestr(n, data)
-        info = zipfile.ZipInfo(member)
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with z.open(info, "w", force_zip64=True) as f:
-            for _ in range(size >> 22):
-                f.write(bytes(1 << 22))
 
 
 CONVERT_CASES = [

@@ -386,19 +386,12 @@ def _tensor_pickle(numel):
 def _deflated_zeros(path, numel):
     """A checkpoint whose storage of ``numel`` float zeros is a deflated zip member: a few KB
     on disk, ``4 * numel`` bytes once read."""
+    from test_convert import replace_with_deflated_zeros
+
     _torch_zip(path, _tensor_pickle(numel))
     with zipfile.ZipFile(path) as z:
-        members = {i.filename: z.read(i) for i in z.infolist()}
-    name = next(n for n in members if n.endswith("/data.pkl"))[:-len("data.pkl")] + "data/0"
-    with zipfile.ZipFile(path, "w") as z:
-        for n, data in members.items():
-            z.writestr(n, data)
-        info = zipfile.ZipInfo(name)
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with z.open(info, "w", force_zip64=True) as f:
-            zeros = bytes(1 << 22)
-            for _ in range(4 * numel // len(zeros)):
-                f.write(zeros)
+        prefix = next(n for n in z.namelist() if n.endswith("/data.pkl"))[:-len("data.pkl")]
+    replace_with_deflated_zeros(path, prefix + "data/0", 4 * numel)
     return path
 
 
