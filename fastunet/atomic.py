@@ -23,7 +23,7 @@ import secrets
 import shutil
 
 __all__ = ["atomic_write", "atomic_copy", "atomic_directory", "remove_stale_temp_files",
-           "temp_path", "DiskFullError"]
+           "temp_path", "fsync_folder", "raise_if_disk_full", "DiskFullError"]
 
 _TEMP_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
 _FULL = {errno.ENOSPC: "disk full (no space left on device)",
@@ -41,6 +41,13 @@ class DiskFullError(OSError):
 
     def __str__(self):
         return f"{self.filename}: {self.strerror}"
+
+
+def raise_if_disk_full(exc, path):
+    """Raise DiskFullError naming ``path`` when ``exc`` says the disk or quota is full (for
+    writes that cannot be atomic, such as appending a log line)."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        raise DiskFullError(path, exc.errno) from exc
 
 
 def temp_path(path):

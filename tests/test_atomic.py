@@ -91,3 +91,18 @@ def test_only_the_temporaries_of_dead_writers_are_removed(tmp_path):
     assert sorted(remove_stale_temp_files(tmp_path)) == sorted([left, left_dir])
     assert os.path.exists(mine) and (tmp_path / "keep.tmp").exists()
     assert (tmp_path / f".y.{dead}.tmp").exists()  # not the scheme's name: not ours
+
+
+def test_an_append_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    from fastunet.training.log import RunLog
+
+    log = RunLog(str(tmp_path), 10, progress=False)
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kw):
+        if str(path).endswith("log.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kw)
+    monkeypatch.setattr("builtins.open", full_open)
+    with pytest.raises(DiskFullError, match="log.jsonl: disk full"):
+        log.event(0, event="start")

@@ -91,9 +91,15 @@ class RunLog:
                 f.write(json.dumps(r) + "\n")
 
     def _append(self, record):
+        from ..atomic import raise_if_disk_full
+
         self.records.append(record)
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise_if_disk_full(e, self.jsonl_path)
+            raise
 
     def print(self, text):
         """A message that does not break the progress bar."""

@@ -170,14 +170,9 @@ def _check_meta(meta, max_iters):
                                  and 0 <= best.get("iteration", 0) <= it):
         raise ValueError(f"meta.best is {_short(best)}, not {{'vessel_dice': number, "
                          f"'iteration': 0..{it}}}")
-    for key in ("metrics", "config"):
+    for key in ("metrics", "config"):  # only carried over into the next checkpoint's meta
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise ValueError(f"meta.{key} is a {type(meta[key]).__name__}, not a dict")
-    metrics = meta.get("metrics") or {}  # NaN is a metric too (no vessel predicted: IoU nan)
-    bad = [k for k, v in metrics.items()
-           if not (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))]
-    if bad:
-        raise ValueError(f"meta.metrics[{bad[0]!r}] is {_short(metrics[bad[0]])}, not a number")
 
 
 def _short(v):
