@@ -2,7 +2,8 @@
 import argparse
 import sys
 
-__all__ = ["ArgumentParser", "one_line", "add_deterministic_flag", "apply_deterministic_flag"]
+__all__ = ["ArgumentParser", "one_line", "fail", "add_deterministic_flag",
+           "apply_deterministic_flag", "add_max_pixels_flag", "apply_max_pixels_flag"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -10,7 +11,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         """Print the error in one line and exit with status 2 (argparse's usage-error code)."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(fail(self.prog, f"{message} (see {self.prog} --help)"))
 
 
 def one_line(exc):
@@ -21,6 +22,16 @@ def one_line(exc):
     if isinstance(exc, KeyError) and len(exc.args) == 1 and text.startswith(("'", '"')):
         text = str(exc.args[0])  # KeyError quotes its message
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def fail(prog, message, code=2):
+    """Print ``prog: error: message`` (an exception: its first line) on stderr; returns ``code``
+    (2: a usage error or bad input; 1: a data or disk error found mid-run). Every CLI reports
+    errors through this one function."""
+    if isinstance(message, BaseException):
+        message = one_line(message)
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def add_deterministic_flag(parser):
@@ -40,6 +51,22 @@ def apply_deterministic_flag(args):
     return set_deterministic(True)
 
 
-def print_error(prog, message):
-    """``prog: error: message`` on stderr, flushed."""
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+def add_max_pixels_flag(parser):
+    """``--max-pixels N``: the largest image (in pixels) read before it is decoded."""
+    from .data.io import MAX_PIXELS
+
+    parser.add_argument(
+        "--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+        help=f"refuse images of more than N pixels, from their header, before decoding them "
+             f"(default {MAX_PIXELS:_}: far above the largest retinal images, 8.2 megapixels for "
+             f"HRF, so a small file declaring a huge image cannot take minutes or gigabytes "
+             f"unnoticed); 0: no limit")
+
+
+def apply_max_pixels_flag(args, parser):
+    """Set the image size limit from ``--max-pixels`` for this process; returns restore()."""
+    from .data.io import set_max_pixels
+
+    if args.max_pixels < 0:
+        parser.error(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
+    return set_max_pixels(args.max_pixels)

@@ -7,10 +7,10 @@
         healthy_manualsegm.zip glaucoma_manualsegm.zip diabetic_retinopathy_manualsegm.zip -o data/HRF
 """
 import argparse
-import os
 import sys
 
-from fastunet._cli import ArgumentParser
+from fastunet._cli import ArgumentParser, fail
+from fastunet.atomic import DiskFullError
 from fastunet.data.converters import (CONVERTERS, MANIFEST, ConvertError, convert_dataset,
                                       read_manifest)
 
@@ -37,12 +37,17 @@ output layout (file names as mmseg's converters write them):
   ROOT/{MANIFEST}                       source archives (SHA-256) and the hash of every file
 
 The data root is built in a temporary directory beside ROOT and renamed into place when
-complete, so an interrupted run never leaves a partial ROOT. Re-running with the same archives
+complete, so an interrupted run never leaves a partial ROOT (the next run deletes the hidden
+temporary directory a killed run left). Archive members larger than any image of the dataset
+can be are refused before they are read. Re-running with the same archives
 finds ROOT up to date and changes nothing; if ROOT holds anything else the command refuses
 unless --overwrite is given (the old ROOT is then replaced once the new one is complete).
 Exit status: 0 on success, 1 on a data error (wrong/corrupt archive, missing members, wrong
 counts), 2 on a usage error.
 """
+
+
+PROG = "fastunet.convert"
 
 
 def build_parser():
@@ -63,39 +68,20 @@ def build_parser():
     return p
 
 
-def _note_leftovers(out):
-    """Name the temporary roots an earlier run left behind when it was killed (SIGKILL, power
-    loss); they are hidden, never mistaken for a data root, and safe to delete."""
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    base = os.path.basename(os.path.abspath(out))
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    stale = sorted(n for n in names if n.startswith((f".{base}.converting-", f".{base}.replaced-")))
-    if stale:
-        print(f"fastunet.convert: note: {', '.join(stale)} in {parent} "
-              f"{'is' if len(stale) == 1 else 'are'} left from an interrupted run (incomplete); "
-              f"delete {'it' if len(stale) == 1 else 'them'}", file=sys.stderr)
-
-
 def main(argv=None):
     """Run the converter CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
-    _note_leftovers(args.out)
     try:
         result = convert_dataset(args.dataset, args.archives, args.out,
                                  overwrite=args.overwrite, progress=not args.quiet)
     except ConvertError as e:
-        print(f"fastunet.convert: error: {e}", file=sys.stderr)
-        return 1
+        return fail(PROG, e, code=1)
     except OSError as e:  # the output side: permissions, a full disk
-        where = e.filename or args.out
-        print(f"fastunet.convert: error: cannot write {where}: {e.strerror or e}; nothing was "
-              f"changed in {args.out}", file=sys.stderr)
-        return 1
+        what = str(e) if isinstance(e, DiskFullError) else \
+            f"cannot write {e.filename or args.out}: {e.strerror or e}"
+        return fail(PROG, f"{what}; nothing was changed in {args.out}", code=1)
     except KeyboardInterrupt:
-        print(f"fastunet.convert: interrupted; {args.out} was not changed", file=sys.stderr)
+        print(f"{PROG}: interrupted; {args.out} was not changed", file=sys.stderr)
         return 130
     counts = read_manifest(args.out).get("counts", {})
     summary = ", ".join(f"{n} {split}" for split, n in counts.items())

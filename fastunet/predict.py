@@ -7,11 +7,18 @@
 
 For each image NAME.EXT it writes NAME_mask.png (vessels 255, background 0), NAME_overlay.png
 (the vessels tinted green over the image) and, with --save-probs, NAME_prob.png (vessel
-probability x 255). Folders are searched recursively and their layout is kept under --out-dir.
-Files are written atomically (no partial PNG after a crash; temporary files a killed run left
-are deleted by the next run into the same --out-dir). A file that cannot be read or
-segmented is reported in one line and skipped; the others are still processed, and the exit
-status is 1 if any was skipped (2 for bad arguments).
+probability x 255). Folders are searched recursively and their layout is kept under --out-dir;
+inputs that would share an output name (a/x.png and b/x.png) keep as much of their path as tells
+them apart (a/x_mask.png, b/x_mask.png). Files are written atomically (no partial PNG after a
+crash; temporary files a killed run left are deleted by the next run into the same --out-dir).
+
+Nothing is lost when --out-dir is (or holds) an input folder: every output carries a PNG text
+chunk (Software: fastunet.predict), and files named NAME_mask/_overlay/_prob.png that carry it are
+never taken as inputs, so a second run neither re-segments its own outputs nor multiplies them;
+an output that would replace an input image (a user's own x_mask.png beside x.png) stops the run
+before anything is written. A file that cannot be read or segmented is reported in one line and
+skipped; the others are still processed, and the exit status is 1 if any was skipped (2 for bad
+arguments). A full disk stops the run with one line naming the file.
 """
 import argparse
 import os
@@ -20,12 +27,17 @@ import warnings
 
 import numpy as np
 
-from ._cli import ArgumentParser, add_deterministic_flag, apply_deterministic_flag, one_line
+from ._cli import (ArgumentParser, add_deterministic_flag, add_max_pixels_flag,
+                   apply_deterministic_flag, apply_max_pixels_flag, fail, one_line)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".webp", ".jp2")
 OVERLAY_COLOUR = np.array([0, 255, 0], dtype=np.float32)
 OVERLAY_ALPHA = 0.6
+PROG = "fastunet.predict"
+# the PNG text chunk that marks this command's outputs, and the names they have
+MARKER = {"Software": "fastunet.predict"}
+OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png", "_prob.png")
 
 
 def _stem(name):
@@ -39,36 +51,99 @@ def _is_image(name):
     return not name.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_prediction(path):
+    """Whether a file is an output of this command: named like one and carrying its marker."""
+    if not os.path.basename(path).lower().endswith(OUTPUT_SUFFIXES):
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # reads the header and the text chunks before the pixels
+            return all(img.info.get(k) == v for k, v in MARKER.items())
+    except Exception:  # unreadable: not ours (predict will report it)
+        return False
+
+
+def _disambiguate(found):
+    """Output stems for [(path, natural stem)] that are unique (case-insensitively): clashing
+    inputs keep their folders relative to the clash's common folder, then their extension."""
+    def with_folders(path, common):
+        return os.path.relpath(_stem_path(path), common)
+
+    def with_extension(path, common):
+        rel = os.path.relpath(os.path.abspath(path), common)
+        return os.path.join(os.path.dirname(rel), os.path.basename(rel).replace(".", "_"))
+
+    stems = [stem for _, stem in found]
+    for rename in (with_folders, with_extension):
+        groups = {}
+        for i, stem in enumerate(stems):
+            groups.setdefault(os.path.normcase(stem).lower(), []).append(i)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            break
+        for group in clashes:
+            common = os.path.commonpath([os.path.dirname(os.path.abspath(found[i][0]))
+                                         for i in group])
+            for i in group:
+                stems[i] = os.path.normpath(rename(found[i][0], common))
+    return stems
+
+
+def _stem_path(path):
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, _stem(name))
+
+
 def collect_inputs(inputs):
-    """Inputs (files or folders) -> [(path, output stem relative to --out-dir)], and the inputs
-    that do not exist. Folders are walked recursively (sorted); an explicitly named file is
-    taken whatever its extension. Clashing stems (a.png and a.tif) keep their extension."""
-    found, missing = [], []
+    """Inputs (files or folders) -> ([(path, output stem relative to --out-dir)], the inputs
+    that do not exist, the number of this command's own outputs skipped in folders). Folders are
+    walked recursively (sorted); an explicitly named file is taken whatever its extension; a
+    file named twice counts once."""
+    found, missing, own, seen = [], [], 0, set()
     for arg in inputs:
         if os.path.isdir(arg):
             for root, dirs, files in os.walk(arg):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 rel = os.path.relpath(root, arg)
                 for name in sorted(files):
-                    if _is_image(name):
-                        found.append((os.path.join(root, name),
-                                      os.path.normpath(os.path.join(rel, _stem(name)))))
+                    path = os.path.join(root, name)
+                    if not _is_image(name):
+                        continue
+                    if is_prediction(path):
+                        own += 1
+                        continue
+                    found.append((path, os.path.normpath(os.path.join(rel, _stem(name)))))
         elif os.path.isfile(arg):
             found.append((arg, _stem(os.path.basename(arg))))
         else:
             missing.append(arg)
-    counts = {}
-    for _, stem in found:
-        counts[stem] = counts.get(stem, 0) + 1
-    out, seen = [], set()
+    unique = []
     for path, stem in found:
-        if counts[stem] > 1:
-            stem = os.path.join(os.path.dirname(stem), os.path.basename(path).replace(".", "_"))
-        if stem in seen:  # the same file named twice
-            continue
-        seen.add(stem)
-        out.append((path, stem))
-    return out, missing
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, stem))
+    return list(zip([p for p, _ in unique], _disambiguate(unique))), missing, own
+
+
+def output_names(args):
+    """The suffixes this run writes for each image."""
+    return (["_mask.png"] + ([] if args.no_overlay else ["_overlay.png"])
+            + (["_prob.png"] if args.save_probs else []))
+
+
+def _replaced_input(files, out_dir, suffixes):
+    """(output, input) when an output path is one of the input images, else None."""
+    inputs = {os.path.realpath(path): path for path, _ in files}
+    for _, stem in files:
+        for suffix in suffixes:
+            out = os.path.join(out_dir, stem + suffix)
+            real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(out))),
+                                os.path.basename(out))
+            if real in inputs:
+                return out, inputs[real]
+    return None
 
 
 def overlay(rgb, mask):
@@ -88,12 +163,18 @@ def build_parser():
         description="Segment vessels in images with a trained fastunet / mmseg checkpoint and "
                     "write masks, overlays and (optionally) probability maps as PNG.",
         epilog="outputs per image NAME: NAME_mask.png (vessels 255), NAME_overlay.png, and\n"
-               "with --save-probs NAME_prob.png, written atomically under --out-dir.\n\n"
+               "with --save-probs NAME_prob.png, written atomically under --out-dir, each\n"
+               "marked with a PNG text chunk (Software: fastunet.predict). Folders keep their\n"
+               "layout; inputs that would share a name keep as much of their path as needed.\n\n"
+               "Nothing is lost when --out-dir is an input folder: marked outputs are never\n"
+               "taken as inputs, and a run whose output would replace an input image stops\n"
+               "before writing anything.\n\n"
                "Exit status: 0 all images written; 1 some images were skipped (each reported\n"
-               "on stderr in one line); 2 bad arguments, config or checkpoint; 130 interrupted.\n"
-               "Each PNG appears only once complete (written to a hidden .NAME.*.tmp file, then\n"
-               "renamed), so an interrupted run never leaves a partial output; the next run\n"
-               "into the same --out-dir deletes temporary files that a killed run left.",
+               "on stderr in one line) or the disk is full; 2 bad arguments, config or\n"
+               "checkpoint; 130 interrupted. Each PNG appears only once complete (written to a\n"
+               "hidden .NAME.<pid>.<hex>.tmp file, then renamed), so an interrupted run never\n"
+               "leaves a partial output; the next run into the same --out-dir deletes\n"
+               "temporary files that a killed run left.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS",
                    help="image files and/or folders (searched recursively for "
@@ -136,6 +217,7 @@ def build_parser():
                    help="overlap-tile: context margin in pixels cropped from each tile "
                         "(default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_max_pixels_flag(p)
     add_deterministic_flag(p)
     return p
 
@@ -144,25 +226,37 @@ def main(argv=None):
     """Run the CLI; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    prog = "fastunet.predict"
     if args.window_batch is not None and args.window_batch < 1:
         parser.error(f"--window-batch must be >= 1, got {args.window_batch}")
-    files, missing = collect_inputs(args.inputs)
+    restore_limit = apply_max_pixels_flag(args, parser)
+    try:
+        return _run(args)
+    finally:
+        restore_limit()
+
+
+def _run(args):
+    files, missing, own = collect_inputs(args.inputs)
     if not files:
         what = ("no images found: no such file or folder: " + ", ".join(missing) if missing
                 else "no images found in " + ", ".join(args.inputs))
-        print(f"{prog}: error: {what}", file=sys.stderr)
-        return 2
+        return fail(PROG, what)
     for path in missing:
-        print(f"{prog}: skipped {path}: no such file or folder", file=sys.stderr)
+        print(f"{PROG}: skipped {path}: no such file or folder", file=sys.stderr)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        print(f"{prog}: error: --out-dir {args.out_dir} exists and is not a folder",
-              file=sys.stderr)
-        return 2
+        return fail(PROG, f"--out-dir {args.out_dir} exists and is not a folder")
+    clash = _replaced_input(files, args.out_dir, output_names(args))
+    if clash:
+        return fail(PROG, f"the output {clash[0]} would replace the input image {clash[1]}; "
+                          f"choose another --out-dir (nothing was written)")
+    if own:
+        print(f"{PROG}: note: {own} file(s) this command wrote earlier (marked "
+              f"NAME_mask/_overlay/_prob.png) are not taken as inputs", file=sys.stderr)
 
     from tqdm import tqdm
 
-    from .data.io import decode_image, remove_stale_temp_files, write_png
+    from .atomic import remove_stale_temp_files
+    from .data.io import decode_image
     from .inference.predictor import Predictor, prefetch_files
 
     restore = apply_deterministic_flag(args)
@@ -175,32 +269,42 @@ def main(argv=None):
                                   gaussian=args.gaussian, tile_size=args.tile_size,
                                   margin=args.margin)
         except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
-            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
-            return 2
+            return fail(PROG, exc)
         try:
             os.makedirs(args.out_dir, exist_ok=True)
-            # hidden .NAME.<pid>.<hex>.tmp files of an earlier run that was killed mid-write
-            remove_stale_temp_files(args.out_dir)
+            remove_stale_temp_files(args.out_dir)  # of an earlier run killed mid-write
         except OSError as exc:
-            print(f"{prog}: error: cannot create --out-dir {args.out_dir}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
-            return 2
-        return _predict_files(args, prog, predictor, files, missing, tqdm, decode_image,
-                              write_png, prefetch_files)
+            return fail(PROG, f"cannot create --out-dir {args.out_dir}: {exc.strerror or exc}")
+        return _predict_files(args, predictor, files, missing, tqdm, decode_image,
+                              prefetch_files)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; outputs written so far are complete", file=sys.stderr)
+        print(f"{PROG}: interrupted; outputs written so far are complete", file=sys.stderr)
         return 130
     finally:
         restore()
 
 
-def _predict_files(args, prog, predictor, files, missing, tqdm, decode_image, write_png,
-                   prefetch_files):
+def _write_outputs(args, out, rgb, labels, probs):
+    from .data.io import write_png
+
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    mask = labels > 0
+    write_png(out + "_mask.png", mask.astype(np.uint8) * 255, text=MARKER)
+    if probs is not None:
+        probs *= 255  # in place: no float copies of a large image
+        write_png(out + "_prob.png", np.rint(probs, out=probs).astype(np.uint8), text=MARKER)
+    if not args.no_overlay:
+        write_png(out + "_overlay.png", overlay(rgb, mask), text=MARKER)
+
+
+def _predict_files(args, predictor, files, missing, tqdm, decode_image, prefetch_files):
+    from .atomic import DiskFullError
+
     failed = len(missing)
     written = 0
     stems = dict(files)
-    bar = tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr,
-               desc=prog)
+    total = len(files) + len(missing)
+    bar = tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr, desc=PROG)
     for path, data in prefetch_files([f for f, _ in files]):
         try:
             if isinstance(data, BaseException):
@@ -213,22 +317,18 @@ def _predict_files(args, prog, predictor, files, missing, tqdm, decode_image, wr
                 finally:  # the image's warnings, also when it is skipped
                     for w in caught:
                         message = str(w.message)
-                        bar.write(f"{prog}: warning: " + (
+                        bar.write(f"{PROG}: warning: " + (
                             message if str(path) in message else f"{path}: {message}"),
                             file=sys.stderr)
             labels, probs = result if args.save_probs else (result, None)
-            out = os.path.join(args.out_dir, stems[path])
-            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-            mask = labels > 0
-            write_png(out + "_mask.png", mask.astype(np.uint8) * 255)
-            if probs is not None:
-                probs *= 255  # in place: no float copies of a large image
-                write_png(out + "_prob.png", np.rint(probs, out=probs).astype(np.uint8))
-            if not args.no_overlay:
-                write_png(out + "_overlay.png", overlay(rgb, mask))
+            _write_outputs(args, os.path.join(args.out_dir, stems[path]), rgb, labels, probs)
             written += 1
         except KeyboardInterrupt:
             raise
+        except DiskFullError as exc:  # every later image would fail the same way: stop
+            bar.close()
+            return fail(PROG, f"{exc}; stopped after writing {written} of {total} images "
+                              f"(the outputs written are complete)", code=1)
         except Exception as exc:  # one bad file must not stop the others
             failed += 1
             message = one_line(exc)
@@ -237,11 +337,10 @@ def _predict_files(args, prog, predictor, files, missing, tqdm, decode_image, wr
                            "smaller --window-batch")
             if str(path) not in message:
                 message = f"{path}: {message}"
-            bar.write(f"{prog}: skipped {message}", file=sys.stderr)
+            bar.write(f"{PROG}: skipped {message}", file=sys.stderr)
         bar.update(1)
     bar.close()
-    total = len(files) + len(missing)
-    print(f"{prog}: wrote {written} of {total} images to {args.out_dir}"
+    print(f"{PROG}: wrote {written} of {total} images to {args.out_dir}"
           + (f" ({failed} skipped)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 

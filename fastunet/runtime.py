@@ -22,12 +22,10 @@ count, so results are repeatable on one GPU model). CPU results are repeatable r
 fixed number of threads; they may differ in the last bits between machines or thread counts.
 """
 import os
-import re
 
 import torch
 
-__all__ = ["resolve_device", "set_deterministic", "is_deterministic", "pid_alive",
-           "remove_files_of_dead_writers"]
+__all__ = ["resolve_device", "set_deterministic", "is_deterministic", "pid_alive"]
 
 _STATE = {"on": False}
 
@@ -116,24 +114,3 @@ def pid_alive(pid):
     except OSError:  # PermissionError: another user's process; or cannot tell
         return True
     return True
-
-
-def remove_files_of_dead_writers(folder, pattern, recursive=True):
-    """Delete the files in ``folder`` whose names fully match ``pattern`` (a regex whose first
-    group is the writer's pid) when that process no longer runs: the temporary files of a writer
-    killed mid-write. Returns their paths; everything else is left alone."""
-    regex = re.compile(pattern)
-    removed = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            m = regex.fullmatch(name)
-            if not m or pid_alive(int(m.group(1))):
-                continue
-            try:
-                os.unlink(os.path.join(root, name))
-                removed.append(os.path.join(root, name))
-            except OSError:
-                pass
-        if not recursive:
-            break
-    return removed

@@ -30,7 +30,7 @@ PROG = "python -m fastunet.test"
 
 def build_parser():
     """The argument parser of ``python -m fastunet.test``."""
-    from ._cli import ArgumentParser, add_deterministic_flag
+    from ._cli import ArgumentParser, add_deterministic_flag, add_max_pixels_flag
     from .training.evaluation import TEST_MODES
 
     p = ArgumentParser(
@@ -64,16 +64,20 @@ def build_parser():
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config entries, e.g. model.test_cfg.stride=(32,32)")
+    add_max_pixels_flag(p)
     add_deterministic_flag(p)
     return p
 
 
 def main(argv=None):
     """Entry point of ``python -m fastunet.test`` and ``fastunet-test``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    from ._cli import apply_deterministic_flag
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ._cli import apply_deterministic_flag, apply_max_pixels_flag
+    from .atomic import DiskFullError
     from .data import DatasetError, ImageReadError
     from .training.cli import UserError, data_error_message, fail
+    restore_limit = apply_max_pixels_flag(args, parser)
     restore = apply_deterministic_flag(args)
     try:
         run_test(args)
@@ -83,13 +87,17 @@ def main(argv=None):
         return fail(PROG, data_error_message(e), code=1)
     except KeyboardInterrupt:
         return fail(PROG, "interrupted", code=130)
+    except DiskFullError as e:  # --json or --save-predictions
+        return fail(PROG, e, code=1)
     finally:
         restore()
+        restore_limit()
     return 0
 
 
 def run_test(args):
     """Evaluate as ``args`` say; prints the tables and returns the metrics dict."""
+    from .atomic import atomic_write
     from .inference import resolve_precision
     from .models import build_segmentor, load_checkpoint
     from .training import cli, data as tdata, distributed
@@ -175,10 +183,8 @@ def run_test(args):
                       "time": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
             folder = os.path.dirname(os.path.abspath(args.json))
             os.makedirs(folder, exist_ok=True)
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
+            with atomic_write(args.json, "w") as f:
                 json.dump(record, f, indent=1)
-            os.replace(tmp, args.json)
             print(f"json: {args.json}")
     distributed.shutdown()
     return metrics

@@ -57,7 +57,7 @@ def build_parser():
     """The argument parser of ``python -m fastunet.train``."""
     from .models.configs import list_configs
 
-    from ._cli import ArgumentParser
+    from ._cli import ArgumentParser, add_deterministic_flag
 
     p = ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -113,10 +113,7 @@ def build_parser():
                         "run the device's default inference path)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (long first iterations, then faster)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="repeatable runs on CUDA too (deterministic algorithms and backward "
-                        "kernels, no cuDNN autotuning; a little slower on GPUs); CPU runs are "
-                        "repeatable without it")
+    add_deterministic_flag(p)
     p.add_argument("--log-interval", type=int, metavar="N",
                    help="iterations between log lines (default: 50, fewer for short runs)")
     return p
@@ -125,6 +122,7 @@ def build_parser():
 def main(argv=None):
     """Entry point of ``python -m fastunet.train`` and ``fastunet-train``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    from .atomic import DiskFullError
     from .data import DatasetError, ImageReadError
     from .training.cli import UserError, data_error_message, fail, print_config
     if args.print_config is not None:
@@ -138,6 +136,8 @@ def main(argv=None):
     except (DatasetError, ImageReadError) as e:  # found while reading the data, maybe mid-run
         return fail(PROG, f"{data_error_message(e)} (fix the data, then continue with "
                           f"--resume)", code=1)
+    except DiskFullError as e:  # a checkpoint, overlay or log; the previous files are intact
+        return fail(PROG, f"{e}; free some space, then continue with --resume", code=1)
     except KeyboardInterrupt:
         return fail(PROG, "interrupted; continue with --resume", code=130)
     return 0
@@ -217,6 +217,7 @@ def _restore(path, model, optimizer, scaler, dist_info, cfg, log):
 
     try:
         ckpt = state.load_training_checkpoint(path)
+        state.check_resumable(ckpt, model, optimizer, scaler, cfg["train"]["max_iters"])
         model.load_state_dict(extract_state_dict(ckpt), strict=True)
         meta = ckpt["meta"]
         # a checkpoint from elsewhere (or damaged) can hold anything here: one line, not a
@@ -419,6 +420,7 @@ def _train(args, restore):
     first_bad = torch.full((), max_iters + 1, dtype=torch.int64, device=device)
     sums, count, t_data = None, 0, 0.0
     last_ckpt = start_iter or None  # iteration of the newest checkpoint
+    last_path = resume_path  # and its file (outside work_dir when resumed from elsewhere)
     metric = None
     check_every = 1 if device.type == "cpu" else log_interval
     for it in range(start_iter, max_iters):
@@ -450,10 +452,12 @@ def _train(args, restore):
                     f"the loss became non-finite at iteration {bad} ("
                     + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                     + f"); training stopped and nothing was saved after it. "
-                    + (f"The last good checkpoint is {os.path.join(work_dir, 'latest.pth')} "
-                       f"(iteration {last_ckpt}). " if last_ckpt else "")
+                    + (f"The last good checkpoint is {last_path} (iteration {last_ckpt}). "
+                       if last_ckpt else "")
                     + "Lower the learning rate (--cfg-options train.lr=...) or use --amp off, "
-                    "then continue with --resume")
+                    "then continue with --resume"
+                    + (f" {last_path}" if last_ckpt and os.path.abspath(last_path) !=
+                       os.path.abspath(os.path.join(work_dir, "latest.pth")) else ""))
         if log_due:
             means = (distributed.all_reduce_sum(sums.clone()) / dist_info.world_size).tolist()
             extra = {"data_time": t_data / count}
@@ -468,7 +472,7 @@ def _train(args, restore):
             metric, improved = run_eval(done)
         if ckpt_due or improved:
             checkpoint(done, improved)
-            last_ckpt = done
+            last_ckpt, last_path = done, os.path.join(work_dir, "latest.pth")
     log.close()
 
     # ---- the result: metrics table, checkpoint, pictures
@@ -481,7 +485,7 @@ def _train(args, restore):
               f"({len(val_set)} images):\n{metric.table()}")
         print(f"vessel Dice {metrics['vessel_dice']:.2f} | mDice {metrics['mDice']:.2f} | "
               f"mIoU {metrics['mIoU']:.2f} | aAcc {metrics['aAcc']:.2f}")
-        print(f"checkpoint: {os.path.join(work_dir, 'latest.pth')}"
+        print(f"checkpoint: {last_path}"
               + (f"  (best: {best_path}, vessel Dice {best['vessel_dice']:.2f})"
                  if os.path.isfile(best_path) else ""))
         print(f"overlay:    {overlay}  (green: found, blue: missed, red: false vessel)")

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 
 import numpy as np
@@ -60,6 +61,7 @@ def fx(tmp_path_factory):
     (d / "empty.png").write_bytes(b"")
     (d / "text.png").write_text("not an image")
     (d / "zero_size.png").write_bytes(_png_with_size(0, 10))
+    (d / "huge_header.png").write_bytes(_png_with_size(12000, 12000))  # 144 MP in 60 bytes
     Image.fromarray(rgb[..., 1]).save(d / "gray.png")
     Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 90, np.uint8)])).save(d / "rgba.png")
     Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
@@ -149,6 +151,12 @@ PREDICT_CASES = [
     ("CMYK image", dict(inputs=["cmyk.jpg"]), 0, None, "CMYK image converted"),
     ("16-bit image", dict(inputs=["gray16.png"]), 0, None, "16-bit image scaled"),
     ("one bad among good", dict(inputs=["rgb.png", "truncated.png"]), 1, "truncated", None),
+    ("image above the pixel limit", dict(inputs=["huge_header.png"]), 1,
+     "12000x12000 pixels (144 megapixels) is above the limit of 100 megapixels", None),
+    ("--max-pixels below the image", dict(extra=["--max-pixels", "1000"]), 1,
+     "above the limit of 0.001 megapixels", None),
+    ("--max-pixels negative", dict(extra=["--max-pixels", "-1"]), 2, "--max-pixels must be >= 0",
+     None),
 ]
 
 
@@ -207,7 +215,7 @@ def test_clis_exit_in_one_line_as_processes(fx, tmp_path):
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
-    from test_convert import _zip, drive_archives
+    from test_convert import _zip, drive_archives, replace_with_deflated_zeros
 
     d = tmp_path_factory.mktemp("archives")
     good = drive_archives(d)
@@ -228,8 +236,26 @@ def archives(tmp_path_factory):
         members = {n: z.read(n) for n in z.namelist()}
     members["training/images/21_training.tif"] = b"II*\x00garbage"
     _zip(corrupt / "training.zip", members)
-    return {"good": good, "short": short, "bad": bad, "corrupt": [str(corrupt / "training.zip"),
-                                                                  good[1]], "dir": d}
+    out = {"good": good, "short": short, "bad": bad, "corrupt": [str(corrupt / "training.zip"),
+                                                                 good[1]], "dir": d}
+    member = "training/images/21_training.tif"
+    with zipfile.ZipFile(good[0]) as z:
+        originals = {n: z.read(n) for n in z.namelist()}
+    for name in ("huge", "dup", "bomb"):
+        (d / name).mkdir()
+        path = _zip(d / name / "training.zip", dict(originals, **{
+            member: _png_with_size(12000, 12000)}) if name == "huge" else originals)
+        if name == "dup":  # the same member twice inside one archive
+            with zipfile.ZipFile(path, "a") as z, pytest.warns(UserWarning, match="Duplicate"):
+                z.writestr(member, originals[member])
+        if name == "bomb":  # the image replaced by a member that inflates to 256 MiB
+            replace_with_deflated_zeros(path, member, 256 << 20)
+        out[name] = [path, good[1]]
+    os.mkdir(d / "renamed")
+    out["renamed"] = [str(d / "renamed" / "drive-train-v2.zip"), str(d / "renamed" / "t.zip")]
+    for src, dst in zip(short, out["renamed"]):
+        os.link(src, dst)
+    return out
 
 
 CONVERT_CASES = [
@@ -244,6 +270,14 @@ CONVERT_CASES = [
     ("wrong image count", lambda a: ["drive", *a["short"]], 1, "expected 20 DRIVE training"),
     ("corrupt member image", lambda a: ["drive", *a["corrupt"]], 1, "unreadable image"),
     ("unknown dataset", lambda a: ["drivee", *a["good"]], 2, "invalid choice"),
+    ("member inflating to 256 MiB", lambda a: ["drive", *a["bomb"]], 1,
+     "member training/images/21_training.tif declares 268435456 bytes, more than any image"),
+    ("member declaring a huge image", lambda a: ["drive", *a["huge"]], 1,
+     "21_training.tif: 12000x12000 pixels (144 megapixels) is above the limit"),
+    ("duplicate member inside an archive", lambda a: ["drive", *a["dup"]], 1,
+     "duplicate member inside {dup}"),
+    ("the archive given is named", lambda a: ["drive", *a["renamed"]], 1,
+     "expected 20 DRIVE training images in {renamed}, found 3"),
 ]
 
 
@@ -254,7 +288,8 @@ def test_convert_cli(case, args, status, message, archives, tmp_path, capsys):
     code, err = run_cli(convert.main, args(archives) + ["-o", str(out), "-q"], capsys)
     assert code == status, err
     assert_clean(err, "fastunet.convert", expect_error=True)
-    assert message in err, err
+    assert message.format(**{k: v[0] for k, v in archives.items()
+                             if isinstance(v, list)}) in err, err
     assert not out.exists()  # never a partial root
     assert os.listdir(tmp_path) == []  # nor a temporary one
 
@@ -329,6 +364,16 @@ def _vessel_root(tmp, images, labels, label_values=(0, 1)):
     return tmp
 
 
+def _with_pixel_limit(limit, call):
+    from fastunet.data.io import set_max_pixels
+
+    restore = set_max_pixels(limit)
+    try:
+        return call()
+    finally:
+        restore()
+
+
 def _engine(**kw):
     from fastunet.inference import InferenceEngine
     return InferenceEngine(lambda x: x[:, :2], **kw)
@@ -387,6 +432,13 @@ LIBRARY_CASES = [
      ValueError, "outside 0..255"),
     ("predict missing path", lambda f, p, t: p.predict(str(f / "nope.png")), ImageReadError,
      "no such file"),
+    ("predict array above the pixel limit", lambda f, p, t: _with_pixel_limit(
+        400, lambda: p.predict(np.zeros((30, 20, 3), np.uint8))), ValueError,
+     "image: 20x30 pixels .* is above the limit of 0.0004 megapixels"),
+    ("predict file above the pixel limit", lambda f, p, t: p.predict(str(f / "huge_header.png")),
+     ImageReadError, "huge_header.png: 12000x12000 pixels"),
+    ("read_image huge header", lambda f, p, t: read_image(f / "huge_header.png"),
+     ImageReadError, "above the limit of 100 megapixels"),
     ("read_image truncated", lambda f, p, t: read_image(f / "truncated.png"), ImageReadError,
      "truncated"),
     ("read_image not an image", lambda f, p, t: read_image(f / "text.png"), ImageReadError,
@@ -469,7 +521,46 @@ def roots(tmp_path_factory):
     data = open(out["weights"], "rb").read()
     (d / "truncated.pth").write_bytes(data[:len(data) // 2])
     (d / "a_file").write_text("x")
+    _damaged_resume_checkpoints(out, d)
     return out
+
+
+def _damaged_resume_checkpoints(out, d):
+    """A real 1-iteration training checkpoint and copies of it, each with one part of the
+    training state damaged (out['resume <name>'])."""
+    from fastunet import train as train_cli
+    from trainkit import tiny_model
+
+    work = d / "run"
+    assert train_cli.main(["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root",
+                           out["good"], "--max-iters", "1", "--batch-size", "2", "--workers",
+                           "0", "--work-dir", str(work), "--cfg-options", *tiny_model(2)]) == 0
+    good = torch.load(work / "latest.pth", weights_only=False)  # our own file: trusted
+    momentum = good["optimizer"]["state"][0]["momentum_buffer"]
+
+    def with_momentum(value):
+        return lambda ck: ck["optimizer"]["state"][0].update(momentum_buffer=value)
+
+    damage = {
+        "best a list": lambda ck: ck["meta"].update(best=[0.5]),
+        "negative iteration": lambda ck: ck["meta"].update(iteration=-1),
+        "huge iteration": lambda ck: ck["meta"].update(iteration=10 ** 18),
+        "momentum of another shape": with_momentum(momentum.flatten()[:5].clone()),
+        "momentum a string": with_momentum("abc"),
+        "momentum expanded": with_momentum(torch.zeros(1).expand(momentum.shape)),
+        "momentum NaN": with_momentum(torch.full_like(momentum, float("nan"))),
+        "weights NaN": lambda ck: next(iter(ck["state_dict"].values())).fill_(float("nan")),
+        "momentum setting a string": lambda ck: ck["optimizer"]["param_groups"][0].update(
+            momentum="0.9"),
+        "random states a string": lambda ck: ck.update(rng="x"),
+    }
+    import copy
+    for name, change in damage.items():
+        ck = copy.deepcopy(good)
+        change(ck)
+        path = d / f"resume_{name.replace(' ', '_')}.pth"
+        torch.save(ck, path)
+        out[f"resume {name}"] = str(path)
 
 
 def _train_argv(r, work, *extra, root="good", opts=()):
@@ -528,6 +619,42 @@ TRAIN_CASES = [
      "truncated or corrupt", ()),
     ("--work-dir is a file", lambda r: ["--work-dir", str(D(r) / "a_file")], 2,
      "is not a folder", ()),
+    # sizes that cannot fit, counts that would take years, a class count the loss cannot train
+    ("synthetic images too big", lambda r: ["--config", "synthetic"], 2,
+     "config key 'data.image_size' = (100000, 100000): generating one synthetic image of it "
+     "needs at least", ["data.image_size=(100000,100000)"]),
+    ("crop too big for memory", lambda r: [], 2, "config key 'data.crop_size' = (100000, "
+     "100000): a training step on it needs at least", ["data.crop_size=(100000,100000)"]),
+    ("rescale too big for memory", lambda r: [], 2, "config key 'data.img_scale'",
+     ["data.img_scale=(100000,100000)"]),
+    ("one class", lambda r: [], 2, "'model.decode_head.num_classes' is 1, but the data has 2 "
+     "classes", ["model.decode_head.num_classes=1"]),
+    ("a billion synthetic images", lambda r: ["--config", "synthetic"], 2,
+     "config key 'data.num_train' = 1000000000: the synthetic images are generated before "
+     "training, at least", ["data.num_train=1000000000"]),
+    # resumed training states that load but would break at the first step
+    ("resume best a list", lambda r: ["--resume", r["resume best a list"]], 2,
+     "meta.best is [0.5]", ()),
+    ("resume negative iteration", lambda r: ["--resume", r["resume negative iteration"]], 2,
+     "meta.iteration is -1", ()),
+    ("resume huge iteration", lambda r: ["--resume", r["resume huge iteration"]], 2,
+     "meta.iteration is 1000000000000000000, beyond this run's 1 iterations", ()),
+    ("resume momentum of another shape", lambda r: [
+        "--resume", r["resume momentum of another shape"]], 2,
+     "optimizer state[0]['momentum_buffer'] has shape (5,), its parameter (2, 3, 3, 3)", ()),
+    ("resume momentum a string", lambda r: ["--resume", r["resume momentum a string"]], 2,
+     "optimizer state[0]['momentum_buffer'] is a str, not a tensor", ()),
+    ("resume momentum expanded", lambda r: ["--resume", r["resume momentum expanded"]], 2,
+     "has strides (0, 0, 0, 0) that share elements", ()),
+    ("resume momentum NaN", lambda r: ["--resume", r["resume momentum NaN"]], 2,
+     "optimizer state[0]['momentum_buffer'] holds NaN", ()),
+    ("resume weights NaN", lambda r: ["--resume", r["resume weights NaN"]], 2,
+     "holds NaN or infinite values", ()),
+    ("resume momentum setting a string", lambda r: [
+        "--resume", r["resume momentum setting a string"]], 2,
+     "optimizer param_groups[0]['momentum'] is '0.9'", ()),
+    ("resume random states a string", lambda r: ["--resume", r["resume random states a string"]],
+     2, "rng is 'x'", ()),
 ]
 
 
@@ -541,9 +668,11 @@ def test_train_cli(case, extra, status, message, opts, roots, tmp_path, capsys, 
         pytest.skip("this machine has CUDA")
     monkeypatch.setenv("FASTUNET_CACHE", str(tmp_path / "cache"))
     work = tmp_path / "work"
-    argv = ["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", roots["good"],
-            "--max-iters", "1", "--batch-size", "2", "--workers", "0", "--work-dir", str(work),
-            *extra(roots), "--cfg-options", *tiny_model(2), *opts]
+    extra = extra(roots)
+    data = [] if "synthetic" in extra else ["--data-root", roots["good"]]  # it makes its own
+    argv = ["--config", "fcn_unet_s5-d16_64x64_40k_drive", *data, "--max-iters", "1",
+            "--batch-size", "2", "--workers", "0", "--work-dir", str(work), *extra,
+            "--cfg-options", *tiny_model(2), *opts]
     code, err = run_cli(train_cli.main, argv, capsys)
     assert code == status, err
     assert_clean(err, "python -m fastunet.train", expect_error=True)
@@ -581,6 +710,8 @@ TEST_CASES = [
     ("--json is a folder", lambda r: ["--json", str(D(r))], 2, "is a folder", ()),
     ("--save-predictions is a file", lambda r: ["--save-predictions", str(D(r) / "a_file")], 2,
      "is not a folder", ()),
+    ("--max-pixels below the images", lambda r: ["--max-pixels", "100"], 2,
+     "64x64 pixels (0.0041 megapixels) is above the limit of 0.0001 megapixels", ()),
 ]
 
 

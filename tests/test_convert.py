@@ -52,6 +52,20 @@ def _tar(path, members):
     return str(path)
 
 
+def replace_with_deflated_zeros(path, member, size):
+    """Rewrite the zip at ``path`` with ``member`` a deflated stream of ``size`` zero bytes."""
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist() if n != member}
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+        info = zipfile.ZipInfo(member)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with z.open(info, "w", force_zip64=True) as f:
+            for _ in range(size >> 22):
+                f.write(bytes(1 << 22))
+
+
 def drive_archives(d, drop=(), n_train=20, with_test_labels=True):
     train, test = {}, {}
     for i in range(21, 21 + n_train):

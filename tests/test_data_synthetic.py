@@ -1,5 +1,7 @@
 """The synthetic vessel generator: determinism, geometry, widths, appearance, cache, baseline."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,9 +130,10 @@ def test_interrupted_generation_is_completed_not_trusted(tmp_path):
     # simulate a kill between the label and the image of item 1, and a stale temp file
     name, img_p, seg_p, fov_p = syn._paths(ds.root, "training", 1)
     os.unlink(img_p)
-    stale = os.path.join(os.path.dirname(img_p), ".0001.png.123.abcd.tmp")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # the temporary file of a writer that no longer runs
+    stale = os.path.join(os.path.dirname(img_p), f".0001.png.{dead.pid}.0123abcd.tmp")
     open(stale, "wb").write(b"half")
-    os.utime(stale, (0, 0))
     again = SyntheticVessels("training", num_images=2, size=SMALL, root=tmp_path, progress=False)
     assert os.path.isfile(img_p) and not os.path.exists(stale)
     assert np.array_equal(again[1]["img"], syn.generate(0, "training", 1, SMALL)["img"])

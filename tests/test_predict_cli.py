@@ -94,8 +94,8 @@ def test_missing_input_and_bad_arguments(checkpoint, tmp_path, capsys):
 def test_clashing_names_keep_their_extension(tmp_path):
     for name in ("a.png", "a.jpg", "b.tif"):
         (tmp_path / name).write_bytes(b"")
-    files, missing = predict.collect_inputs([str(tmp_path)])
-    assert [stem for _, stem in files] == ["a_jpg", "a_png", "b"] and missing == []
+    files, missing, own = predict.collect_inputs([str(tmp_path)])
+    assert [stem for _, stem in files] == ["a_jpg", "a_png", "b"] and missing == [] and own == 0
 
 
 def test_help_explains_every_option():

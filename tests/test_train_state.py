@@ -21,7 +21,7 @@ def _model():
     return cfg, fastunet.build_segmentor(cfg)
 
 
-def test_checkpoint_files_links_and_meta(tmp_path):
+def test_checkpoint_files_copies_and_meta(tmp_path):
     cfg, model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.loss(torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32)))["decode.loss_ce"] \
@@ -37,7 +37,10 @@ def test_checkpoint_files_links_and_meta(tmp_path):
     # periodic ones kept, latest = the newest, only one best; no temp files left behind
     assert names == ["best_vessel_dice_iter_6.pth", "iter_2.pth", "iter_4.pth", "iter_6.pth",
                      "latest.pth"]
-    assert os.path.samefile(tmp_path / "latest.pth", p6)
+    # latest and best are copies, files of their own: damage to one never reaches the other
+    for copy in ("latest.pth", "best_vessel_dice_iter_6.pth"):
+        assert not os.path.samefile(tmp_path / copy, p6)
+        assert (tmp_path / copy).read_bytes() == open(p6, "rb").read()
     assert state.latest_checkpoint(tmp_path) == str(tmp_path / "latest.pth")
     os.remove(tmp_path / "latest.pth")
     assert state.latest_checkpoint(tmp_path) == p6  # falls back to the highest iter_N
@@ -126,3 +129,17 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_check_resumable_refuses_a_damaged_grad_scaler_state(tmp_path):
+    _, model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    state.save_training_checkpoint(tmp_path, model, opt, 1, {}, [state.rng_state()], scaler)
+    ckpt = state.load_training_checkpoint(tmp_path / "latest.pth")
+    state.check_resumable(ckpt, model, opt, scaler, max_iters=10)  # a real one passes
+    for key, value in (("scale", float("nan")), ("scale", -1.0), ("growth_interval", "x"),
+                       ("backoff_factor", 2.0)):
+        damaged = dict(ckpt, scaler=dict(ckpt["scaler"], **{key: value}))
+        with pytest.raises(ValueError, match=rf"scaler\['{key}'\] is"):
+            state.check_resumable(damaged, model, opt, scaler, max_iters=10)

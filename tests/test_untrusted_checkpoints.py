@@ -1,13 +1,18 @@
 """Checkpoints from the internet: a pickle that would create a file if it ran never does, through
-every entry point that loads checkpoints, and is refused in one clear line wherever it sits.
-Foreign classes that run nothing (mmengine's HistoryBuffer, an argparse.Namespace) load as inert
-placeholders, so real mmseg checkpoints still load."""
+every entry point that loads checkpoints, and is refused in one clear line wherever it sits,
+naming what it found, before torch unpickles anything. Only an allowlist of globals may appear;
+mmengine's HistoryBuffer and an argparse.Namespace load as inert placeholders, so real mmseg
+checkpoints still load. Files built to exhaust memory (compressed members, storages or numpy
+arrays larger than the file) are refused before they cost it."""
 import builtins
+import collections
 import os
 import pickle
+import struct
 import sys
 import types
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -118,7 +123,7 @@ def test_payload_never_runs_through_any_entry_point(payload, weights, tmp_path, 
     assert "Traceback" not in err
 
 
-def test_foreign_classes_load_as_inert_data(weights, tmp_path):
+def test_foreign_classes_are_refused_by_name(weights, tmp_path):
     class Recorder:  # a class of some other package: its __setstate__ must never run
         def __setstate__(self, state):
             open(state["marker"], "w").write("pwned")
@@ -132,28 +137,27 @@ def test_foreign_classes_load_as_inert_data(weights, tmp_path):
     mod.Recorder = Recorder
     try:
         path = _save(tmp_path / "meta.pth", {"meta": {"hook": obj}, "state_dict": weights})
+        with pytest.raises(UnsafeCheckpointError, match="somepackage.hooks.Recorder"):
+            read_checkpoint(path)
     finally:
         del sys.modules["somepackage"], sys.modules["somepackage.hooks"]
-    ckpt = read_checkpoint(path)
-    hook = ckpt["meta"]["hook"]
-    assert isinstance(hook, OpaqueObject) and hook.name == "somepackage.hooks.Recorder"
     assert not marker.exists()
-    model = fastunet.build_segmentor(fastunet.get_config(CONFIG))
-    fastunet.load_checkpoint(model, path)  # the weights load
 
 
-def test_legacy_format_and_raw_pickles_are_refused(weights, tmp_path):
+def test_legacy_format_and_raw_pickles_are_refused_by_name(weights, tmp_path):
     marker = tmp_path / "pwned"
     legacy = _save(tmp_path / "legacy.pth", {"meta": {"x": ExecPayload(str(marker))},
                                              "state_dict": weights}, legacy=True)
-    with pytest.raises(RuntimeError, match="legacy-format checkpoint"):
+    with pytest.raises(UnsafeCheckpointError, match="builtins.exec.*nothing was executed"):
         read_checkpoint(legacy)
     raw = tmp_path / "raw.pth"
     with open(raw, "wb") as f:
         pickle.dump({"state_dict": ShellPayload(str(marker))}, f)
-    with pytest.raises(RuntimeError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UnsafeCheckpointError, match="posix.system.*nothing was executed"):
         read_checkpoint(raw)
     assert not marker.exists()
+    plain = _save(tmp_path / "plain_legacy.pth", {"state_dict": weights}, legacy=True)
+    assert read_checkpoint(plain)["state_dict"].keys() == weights.keys()
 
 
 def test_real_mmseg_checkpoint_and_training_args_load_silently(weights, tmp_path):
@@ -231,3 +235,201 @@ def test_train_resume_load_from_and_test_cli_never_run_it(where, payload, traini
         assert "Traceback" not in err
         assert code == 2 and "nothing was executed" in err, (name, err)
         assert len(err.strip().splitlines()) == 1, (name, err)
+
+
+# ------------------------------------------------------------------------------ hand-made pickles
+
+def _text(value):
+    data = value.encode()
+    return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def _global(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"  # GLOBAL
+
+
+def _torch_zip(path, pickle_bytes, extra=None, compress=None):
+    """A file in torch.save's zip layout whose data.pkl is ``pickle_bytes`` (and ``extra``
+    records {name: bytes}); members stored, or compressed with ``compress``."""
+    torch.save({}, path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    prefix = next(n for n in members if n.endswith("/data.pkl"))[:-len("data.pkl")]
+    members[prefix + "data.pkl"] = pickle_bytes
+    members.update({prefix + k: v for k, v in (extra or {}).items()})
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data, compress_type=compress if name.endswith("/data/0")
+                       else zipfile.ZIP_STORED)
+    return path
+
+
+def _gadgets(marker):
+    """Pickles that chain calls the way exploits do; torch itself fails on them, so they were
+    once reported as 'truncated or corrupt' instead of as what they are."""
+    cmd = f"touch {marker}"
+    return {
+        "builtins.__import__": (b"\x80\x02" + _global("builtins", "getattr")
+                                + _global("builtins", "__import__") + _text("os") + b"\x85R"
+                                + _text("system") + b"\x86R" + _text(cmd) + b"\x85R."),
+        "builtins.eval": (b"\x80\x02" + _global("builtins", "eval")
+                          + _text("__import__('os').system") + b"\x85R" + _text(cmd)
+                          + b"\x85R."),
+        "builtins.exec": (b"\x80\x02" + _global("builtins", "exec")
+                          + _text(f"open({str(marker)!r}, 'w')") + b"\x85R" + _text("x")
+                          + b"\x85R."),
+    }
+
+
+@pytest.mark.parametrize("name", ["builtins.__import__", "builtins.eval", "builtins.exec"])
+def test_code_running_gadgets_are_named_even_where_torch_fails(name, tmp_path):
+    marker = tmp_path / "pwned"
+    pkl = _gadgets(marker)[name]
+    whole = _torch_zip(tmp_path / "gadget.pth", pkl)
+    end = pkl.index(name.split(".")[1].encode() + b"\n") + len(name.split(".")[1]) + 1
+    cut = _torch_zip(tmp_path / "cut.pth", pkl[:end + 3])  # truncated just after the name
+    for path in (whole, cut):
+        with pytest.raises(UnsafeCheckpointError) as info:
+            read_checkpoint(path)
+        msg = str(info.value)
+        assert name in msg and "nothing was executed" in msg and "\n" not in msg, msg
+    assert not marker.exists()
+
+
+def test_a_call_of_a_call_is_refused_even_with_allowed_names(tmp_path):
+    # getattr (allowed as inert data for mmengine's buffers) used to fetch and call a method
+    pkl = (b"\x80\x02" + _global("builtins", "getattr") + _global("collections", "OrderedDict")
+           + _text("fromkeys") + b"\x86R" + _text("ab") + b"\x85R.")
+    with pytest.raises(UnsafeCheckpointError, match="calls the result of another call"):
+        read_checkpoint(_torch_zip(tmp_path / "chain.pth", pkl))
+
+
+def _writes_marker(marker):
+    """(name, callable, args) whose call would create ``marker``, or run code, or touch files;
+    none is something a weights file needs."""
+    code = f"open({str(marker)!r}, 'w').write('pwned')"
+    import cProfile
+    import pdb
+    import timeit
+
+    import numpy as np
+    import torch.utils.cpp_extension
+
+    from fastunet.data import io
+    from fastunet.models import checkpoint
+
+    return [
+        ("timeit.timeit", timeit.timeit, (code,)),
+        ("cProfile.run", cProfile.run, (code,)),
+        ("pdb.run", pdb.run, (code,)),
+        ("numpy.load", np.load, (str(marker), None, True)),
+        ("numpy.fromfile", np.fromfile, (str(marker),)),
+        ("torch.serialization.load", torch.serialization.load, (str(marker),)),
+        ("torch.utils.cpp_extension.load_inline", torch.utils.cpp_extension.load_inline,
+         ("x", "int f() { return 0; }")),
+        ("fastunet.data.io.write_png", io.write_png, (str(marker), np.zeros((2, 2), np.uint8))),
+        ("fastunet.models.checkpoint.save_checkpoint", checkpoint.save_checkpoint,
+         (str(marker), {})),
+    ]
+
+
+class _Call:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize("index", range(9), ids=lambda i: _writes_marker("m")[i][0])
+def test_globals_outside_the_allowlist_are_refused_by_name(index, weights, tmp_path):
+    marker = tmp_path / "pwned"
+    name, func, args = _writes_marker(marker)[index]
+    path = _save(tmp_path / "ckpt.pth", {"meta": {"hook": _Call(func, args)},
+                                         "state_dict": weights})
+    with pytest.raises(UnsafeCheckpointError) as info:
+        read_checkpoint(path)
+    assert name in str(info.value) and "nothing was executed" in str(info.value)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ memory bombs
+
+class _StorageRef:
+    pass
+
+
+class _Tensor:
+    """Pickles as torch's tensor rebuild over storage '0' declaring ``numel`` floats."""
+
+    def __init__(self, numel):
+        self.numel = numel
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, (_StorageRef(), 0, (self.numel,), (1,), False,
+                                                  collections.OrderedDict()))
+
+
+def _tensor_pickle(numel):
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _StorageRef):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel)
+            return None
+
+    import io
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"state_dict": {"w": _Tensor(numel)}})
+    return buf.getvalue()
+
+
+def _deflated_zeros(path, numel):
+    """A checkpoint whose storage of ``numel`` float zeros is a deflated zip member: a few KB
+    on disk, ``4 * numel`` bytes once read."""
+    from test_convert import replace_with_deflated_zeros
+
+    _torch_zip(path, _tensor_pickle(numel))
+    with zipfile.ZipFile(path) as z:
+        prefix = next(n for n in z.namelist() if n.endswith("/data.pkl"))[:-len("data.pkl")]
+    replace_with_deflated_zeros(path, prefix + "data/0", 4 * numel)
+    return path
+
+
+class _NumpyCall:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _bombs(tmp_path):
+    """name -> (path, text the refusal must contain); each would allocate far more than its file."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    big = 64 << 20  # floats: 256 MiB
+    return {
+        "deflated storage": (_deflated_zeros(tmp_path / "deflated.pth", big), "is compressed"),
+        "storage larger than its record": (
+            _torch_zip(tmp_path / "short.pth", _tensor_pickle(big), {"data/0": bytes(16)}),
+            "more than the"),
+        "numpy.ndarray call": (
+            _save(tmp_path / "ndarray.pth", {"meta": {"x": _NumpyCall(np.ndarray,
+                                                                      ((20000, 20000), "f8"))}}),
+            "numpy.ndarray"),
+        "numpy _reconstruct of a huge shape": (
+            _save(tmp_path / "reconstruct.pth", {"meta": {"x": _NumpyCall(
+                multiarray.multiarray._reconstruct, (np.ndarray, (30000, 30000), b"b"))}}),
+            "array of shape"),
+    }
+
+
+@pytest.mark.parametrize("case", ["deflated storage", "storage larger than its record",
+                                  "numpy.ndarray call", "numpy _reconstruct of a huge shape"])
+def test_files_that_would_exhaust_memory_are_refused_before_loading(case, tmp_path):
+    path, message = _bombs(tmp_path)[case]
+    assert os.path.getsize(path) < 4 << 20
+    with pytest.raises(UnsafeCheckpointError) as info:
+        read_checkpoint(path)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)

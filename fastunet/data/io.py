@@ -21,26 +21,63 @@ channels agree and otherwise their luminance (with a warning). A 16-bit label wh
 8 bits keeps them (class indices); otherwise it is scaled as above.
 
 Pillow opens files lazily; the decode is forced here so a truncated file fails in ``read_*``
-with an ``ImageReadError`` naming it, not later in a worker process.
+with an ``ImageReadError`` naming it, not later in a worker process. An image larger than
+``max_pixels`` (default :data:`MAX_PIXELS`, 100 megapixels: HRF's images have 8.2;
+:func:`set_max_pixels` changes it for the process, as ``--max-pixels`` does) is refused
+from its header, before it is decoded, with an :class:`ImageTooLargeError`; this replaces
+Pillow's own decompression-bomb limit, so the limit is one number, explicit and adjustable.
 """
 import gzip
 import io
 import os
-import secrets
+import threading
 import warnings
 import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "ImageConversionWarning", "read_image", "read_label",
-           "decode_image", "decode_label", "write_png", "remove_stale_temp_files"]
+__all__ = ["ImageReadError", "ImageTooLargeError", "ImageConversionWarning", "read_image",
+           "read_label", "decode_image", "decode_label", "write_png", "MAX_PIXELS",
+           "set_max_pixels", "check_pixels"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
+# the default limit of read_* / decode_*: far above the largest retinal images (HRF 3504 x 2336),
+# low enough that a tiny file declaring a huge image cannot silently take minutes or gigabytes
+MAX_PIXELS = 100_000_000
+_LIMIT = {"pixels": MAX_PIXELS}  # the process-wide limit, set_max_pixels changes it
+_PIL_LIMIT = threading.Lock()  # Pillow's limit is a module global: swapped under a lock
 
 
 class ImageReadError(ValueError):
     """An image file is missing, empty, truncated or not an image; the message names the file."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image has more pixels than the limit (``--max-pixels`` / ``max_pixels=``)."""
+
+
+def set_max_pixels(max_pixels):
+    """Set the limit that every read and decode applies by default (0: none; the CLIs'
+    ``--max-pixels``); returns a function that restores the previous one."""
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 0:
+        raise ValueError(f"max_pixels must be an integer >= 0, got {max_pixels!r}")
+    before, _LIMIT["pixels"] = _LIMIT["pixels"], max_pixels
+
+    def restore():
+        _LIMIT["pixels"] = before
+    return restore
+
+
+def check_pixels(height, width, name, max_pixels=None):
+    """ImageTooLargeError when height x width exceeds ``max_pixels`` (None: the process-wide
+    limit, :data:`MAX_PIXELS` unless :func:`set_max_pixels` changed it; 0: no limit)."""
+    limit = _LIMIT["pixels"] if max_pixels is None else int(max_pixels)
+    if limit > 0 and height * width > limit:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} pixels ({height * width / 1e6:.3g} megapixels) is above "
+            f"the limit of {limit / 1e6:g} megapixels; raise it (--max-pixels N, or "
+            f"max_pixels=N in Python; 0 for no limit) if the image is genuine")
 
 
 class ImageConversionWarning(UserWarning):
@@ -51,7 +88,7 @@ def _warn(name, what):
     warnings.warn(f"{name}: {what}", ImageConversionWarning, stacklevel=4)
 
 
-def _open(data, name):
+def _open(data, name, max_pixels=None):
     """Decode bytes fully (not lazily) into a PIL image; errors become ImageReadError."""
     if not data:
         raise ImageReadError(f"{name}: file is empty (0 bytes)")
@@ -63,8 +100,16 @@ def _open(data, name):
         if not data:
             raise ImageReadError(f"{name}: gzip stream holds an empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        with _PIL_LIMIT:  # our own limit below replaces Pillow's decompression-bomb check
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(io.BytesIO(data))  # reads the header only
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        check_pixels(img.height, img.width, name, max_pixels)
         img.load()  # force the decode: truncated data fails here
+    except ImageReadError:
+        raise
     except UnidentifiedImageError:
         raise ImageReadError(f"{name}: not an image file (or a format Pillow cannot read)"
                              ) from None
@@ -225,15 +270,15 @@ def _wide_gray(img, name, keep_small=False):
     return None
 
 
-def decode_image(data, name="<bytes>"):
+def decode_image(data, name="<bytes>", max_pixels=None):
     """Bytes of an image file -> HxWx3 uint8 RGB (see the module docstring for conversions)."""
-    img, data = _open(data, name)
+    img, data = _open(data, name, max_pixels)
     return _orient(np.asarray(_to_rgb(img, data, name), dtype=np.uint8), _orientation(img))
 
 
-def decode_label(data, name="<bytes>"):
+def decode_label(data, name="<bytes>", max_pixels=None):
     """Bytes of a label/mask file -> HxW uint8 raw values (see the module docstring)."""
-    img, data = _open(data, name)
+    img, data = _open(data, name, max_pixels)
     mode = img.mode
     if mode == "L":
         out = np.asarray(img)
@@ -264,27 +309,23 @@ def decode_label(data, name="<bytes>"):
     return _orient(np.asarray(out, dtype=np.uint8), _orientation(img))
 
 
-def read_image(path):
+def read_image(path, max_pixels=None):
     """Read an image file as HxWx3 uint8 RGB; raises ImageReadError naming the file."""
-    return decode_image(_read_bytes(path), str(path))
+    return decode_image(_read_bytes(path), str(path), max_pixels)
 
 
-def read_label(path):
+def read_label(path, max_pixels=None):
     """Read a label/mask file as HxW uint8 raw values; raises ImageReadError naming the file."""
-    return decode_label(_read_bytes(path), str(path))
+    return decode_label(_read_bytes(path), str(path), max_pixels)
 
 
-def remove_stale_temp_files(folder):
-    """Delete the temporary files that ``write_png`` calls killed mid-write left in ``folder``
-    (recursively): ``.NAME.<pid>.<hex>.tmp`` of processes no longer running on this machine.
-    Returns their paths. Files of running processes, and anything else, are left alone."""
-    from ..runtime import remove_files_of_dead_writers
+def write_png(path, array, compress_level=6, text=None):
+    """Write a uint8 HxW, HxWx3 (RGB) or HxWx4 array as PNG atomically
+    (:func:`fastunet.atomic.atomic_write`); ``text``: {key: value} stored as PNG text chunks."""
+    from PIL.PngImagePlugin import PngInfo
 
-    return remove_files_of_dead_writers(folder, r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+    from ..atomic import atomic_write
 
-
-def write_png(path, array, compress_level=6):
-    """Write a uint8 HxW, HxWx3 (RGB) or HxWx4 array as PNG atomically (temp file + os.replace)."""
     a = np.asarray(array)
     if a.dtype == bool:
         a = a.astype(np.uint8)
@@ -294,20 +335,11 @@ def write_png(path, array, compress_level=6):
         raise ValueError(f"write_png({path}): expected HxW, HxWx3 or HxWx4, got shape {a.shape}")
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    # os.open with 0o666 honours the umask (mkstemp would leave the file 0600)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
-                                  f"{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(a)).save(f, format="PNG",
-                                                          compress_level=compress_level)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    with atomic_write(path) as f:
+        Image.fromarray(np.ascontiguousarray(a)).save(f, format="PNG", pnginfo=info,
+                                                      compress_level=compress_level)

@@ -27,9 +27,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
-import time
 
 import numpy as np
 import torch
@@ -436,7 +433,9 @@ def _ensure(root, split, count, seed, size, progress):
                if not all(os.path.isfile(p) for p in _paths(root, split, i)[1:])]
     if not missing:
         return
-    _remove_stale_temps(root)
+    from ..atomic import remove_stale_temp_files
+
+    remove_stale_temp_files(root)  # of a writer killed mid-file
     iterator = missing
     if progress:
         import sys
@@ -447,20 +446,6 @@ def _ensure(root, split, count, seed, size, progress):
         _write_item(root, split, i, generate(seed, split, i, size))
 
 
-def _remove_stale_temps(root, age_s=3600):
-    """Delete temp files that a killed writer left behind (older than an hour)."""
-    now = time.time()
-    for d, _, files in os.walk(root):
-        for f in files:
-            if f.startswith(".") and f.endswith(".tmp"):
-                p = os.path.join(d, f)
-                try:
-                    if now - os.path.getmtime(p) > age_s:
-                        os.unlink(p)
-                except OSError:
-                    pass
-
-
 def write_synthetic(root, num_training=20, num_validation=20, size=(584, 565), seed=0,
                     progress=False):
     """Write a synthetic data set in the converted layout (DRIVE naming), readable by
@@ -468,21 +453,15 @@ def write_synthetic(root, num_training=20, num_validation=20, size=(584, 565), s
     root = os.path.abspath(os.fspath(root))
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise FileExistsError(f"{root} exists and is not empty; choose a new folder")
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.writing-", dir=parent)
-    try:
+    from ..atomic import atomic_directory, atomic_write
+
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    with atomic_directory(root) as tmp:
         for split, n in (("training", num_training), ("validation", num_validation)):
             _ensure(tmp, split, n, seed, size, progress)
-        with open(os.path.join(tmp, "synthetic.json"), "w") as f:
+        with atomic_write(os.path.join(tmp, "synthetic.json"), "w") as f:
             json.dump({"generator": GENERATOR_VERSION, "seed": seed, "size": list(size),
                        "num_training": num_training, "num_validation": num_validation}, f)
-        if os.path.isdir(root):
-            os.rmdir(root)
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
@@ -531,7 +510,7 @@ def main(argv=None):
     """``python -m fastunet.data {write ROOT | baseline}`` (see fastunet/data/__main__.py)."""
     import sys
 
-    from .._cli import ArgumentParser, one_line
+    from .._cli import ArgumentParser, fail
 
     p = ArgumentParser(prog="python -m fastunet.data",
                                 description="Write the synthetic vessel data set, or score the "
@@ -562,8 +541,7 @@ def main(argv=None):
         val = SyntheticVessels("validation", args.num_validation, **kw)
         res = green_channel_baseline(train, val)
     except (OSError, ValueError) as exc:
-        print(f"{p.prog}: error: {one_line(exc)}", file=sys.stderr)
-        return 1
+        return fail(p.prog, exc, code=1)
     print(f"green-channel baseline: threshold {res['threshold']} (training Dice "
           f"{res['train_dice']:.2f}); validation vessel Dice {res['metrics']['vessel_dice']:.2f}")
     return 0

@@ -24,7 +24,7 @@ def as_rgb_uint8(image, name="image"):
     """An image array -> HxWx3 uint8 RGB, converting like ``fastunet.data.io.read_image``:
     grayscale (HxW or HxWx1) expanded, alpha dropped (warns unless opaque), 16-bit scaled by
     ``v * 255 / 65535`` (warns), float in [0, 1] scaled by 255 (warns)."""
-    from ..data.io import ImageConversionWarning
+    from ..data.io import ImageConversionWarning, check_pixels
 
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -34,6 +34,7 @@ def as_rgb_uint8(image, name="image"):
                          f"{a.shape}")
     if a.size == 0:
         raise ValueError(f"{name}: the image is empty (shape {a.shape})")
+    check_pixels(a.shape[0], a.shape[1], name)  # fastunet.data.io's limit (--max-pixels)
 
     def warn(what):
         warnings.warn(f"{name}: {what}", ImageConversionWarning, stacklevel=3)

@@ -1,18 +1,18 @@
 """Checkpoints: load fastunet and mmseg ``.pth`` files safely; save atomically in mmseg's layout.
 
-Files are read with ``torch.load(weights_only=True)``: no pickled code ever runs. Besides tensors
-and plain Python values, the numpy scalars/arrays an mmseg ``meta`` may hold are allowed, and other
-classes (e.g. mmengine's ``HistoryBuffer`` in ``message_hub``, an ``argparse.Namespace`` of
-training arguments) are read as inert :class:`OpaqueObject` s that keep their pickled arguments and
-state but run nothing. A file that pickles a call which would run code or touch files (``exec``,
-``open``, ``os.system``, ``subprocess``, ...) is refused with an :class:`UnsafeCheckpointError`
-(a RuntimeError) naming those calls; nothing in it was executed. Legacy (pre-1.6, non-zip) files
-holding any object beyond tensors, plain values and numpy are refused too. Weights themselves must
-be tensors: a state_dict that holds anything else is refused with a ValueError.
+Files are checked before anything is unpickled (:mod:`fastunet.models.checkpoint_scan`): only
+an allowlist of globals may appear (tensors and storages, numpy arrays, scalars and dtypes, plain
+containers; mmengine's ``HistoryBuffer``, the ``getattr`` calls its state pickles and an
+``argparse.Namespace`` of training arguments as inert data), no pickled call may call the result
+of another, numpy may not be asked for arrays larger than the file, zip members may not be
+compressed and storages may not declare more bytes than the file holds. A file that breaks a
+rule is refused with an :class:`UnsafeCheckpointError` (a RuntimeError) that names what it found;
+nothing in it was executed. The rest is read with ``torch.load(weights_only=True)``, the inert
+classes as :class:`OpaqueObject` s that keep their pickled arguments and state but run nothing.
+Weights themselves must be tensors: a state_dict that holds anything else is refused with a
+ValueError.
 """
 import os
-import re
-import tempfile
 import time
 import warnings
 import zipfile
@@ -20,25 +20,15 @@ import zipfile
 import torch
 import torch.nn as nn
 
+from .checkpoint_scan import INERT, CheckpointRefused, scan_checkpoint
+
 __all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "extract_state_dict",
            "OpaqueObject", "UnsafeCheckpointError"]
 
-# Pickled calls that run code or touch files: no weights file needs them, so finding one means the
-# file was crafted (or saved carelessly). Safety does not depend on this list (every unknown
-# global is neutralised, or refused by torch); it only decides which neutralised names make the
-# file refused. Ordinary foreign classes (mmengine's HistoryBuffer and the builtins.getattr calls its
-# state pickles, an argparse.Namespace of training arguments) load silently.
-_CODE_RUNNING = ("builtins.exec", "builtins.eval", "builtins.compile", "builtins.open",
-                 "builtins.__import__", "builtins.breakpoint", "builtins.input", "io.",
-                 "_io.", "subprocess.", "shutil.", "importlib.", "runpy.", "pickle.", "_pickle.",
-                 "marshal.", "ctypes.", "socket.", "code.", "pty.", "webbrowser.", "pathlib.",
-                 "tempfile.", "multiprocessing.", "threading.", "signal.", "platform.",
-                 "torch.hub.", "torch.load", "torch.jit.", "torch.ops.")
-
 
 class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint pickles calls that would run code or touch files; it was not loaded (nothing
-    in it was executed)."""
+    """A checkpoint holds something a weights file never needs (a call that could run code, a
+    compressed or oversized payload); it was not loaded, and nothing in it was executed."""
 
 
 class OpaqueObject:
@@ -76,7 +66,7 @@ def _numpy_globals():
             out[f"{mod}.{attr}"] = obj
     for dt in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128,
-               np.str_, np.bytes_):
+               np.str_, np.bytes_, np.object_):
         cls = type(np.dtype(dt))
         out[f"{cls.__module__}.{cls.__name__}"] = cls  # numpy>=1.25 pickles dtypes by class
     return out
@@ -87,19 +77,12 @@ def _opaque_class(name):
     return type("OpaqueObject", (OpaqueObject,), {"__module__": __name__, "_pickled_name": name})
 
 
-def _safe_globals_for(path):
-    """(allowlist for torch.serialization.safe_globals, names neutralised as OpaqueObject)."""
-    numpy_globals = _numpy_globals()
-    try:
-        wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy (non-zip) file: only numpy can be allowed up front
-        wanted = list(numpy_globals)
-    # all numpy pieces always: a dtype instance is checked by its class, which the pickle never
-    # names (it names numpy.dtype), so it cannot be discovered from the file
-    out = [(obj, name) for name, obj in numpy_globals.items()]
-    opaque = [name for name in wanted if name not in numpy_globals]
-    out += [(_opaque_class(name), name) for name in opaque]
-    return out, opaque
+def _safe_globals(names):
+    """What torch.load may rebuild: all numpy pieces (a dtype instance is checked by its class,
+    which the pickle never names, so it cannot be discovered from the file) and an inert
+    stand-in for each inert name the file uses."""
+    out = [(obj, name) for name, obj in _numpy_globals().items()]
+    return out + [(_opaque_class(name), name) for name in sorted(names or ()) if name in INERT]
 
 
 def _reason(e):
@@ -116,14 +99,23 @@ def _reason(e):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """The checkpoint file's object, read with ``weights_only=True`` (never runs pickled code)."""
+    """The checkpoint file's object, checked first and then read with ``weights_only=True``
+    (never runs pickled code; see the module docstring)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint {path} is a folder, not a .pth file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    allowed, opaque = _safe_globals_for(path)
-    with torch.serialization.safe_globals(allowed):
+    try:
+        names = scan_checkpoint(path)
+    except CheckpointRefused as e:
+        raise UnsafeCheckpointError(
+            f"refusing checkpoint {path}: {e}; nothing was executed. If you trust its source, "
+            f"re-save only its weights: torch.save({{'state_dict': torch.load(path, "
+            f"weights_only=False)['state_dict']}}, new_path)") from None
+    except OSError as e:
+        raise RuntimeError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    with torch.serialization.safe_globals(_safe_globals(names)):
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:
@@ -131,11 +123,6 @@ def read_checkpoint(path, map_location="cpu"):
                 raise RuntimeError(f"{path}: a legacy-format checkpoint holding objects that "
                                    f"cannot be read safely; re-save its state_dict with a recent "
                                    f"torch (torch.save(ckpt['state_dict'], new_path))") from e
-            blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(e))
-            if blocked:  # torch refuses os/posix/nt/sys outright, whatever the allowlist
-                raise UnsafeCheckpointError(
-                    f"refusing checkpoint {path}: it pickles a call to {blocked.group(1)} (a "
-                    f"weights file never needs one); nothing was executed") from e
             if isinstance(e, (PermissionError, IsADirectoryError)):
                 raise RuntimeError(f"cannot read checkpoint {path}: {e.strerror}") from e
             hint = ("" if zipfile.is_zipfile(path) or os.path.getsize(path) > 0 else
@@ -143,13 +130,6 @@ def read_checkpoint(path, map_location="cpu"):
             raise RuntimeError(f"cannot read checkpoint {path}: not a readable PyTorch "
                                f"checkpoint{hint}; is it truncated or corrupt? "
                                f"({_reason(e)})") from e
-    suspicious = sorted(n for n in opaque if n.startswith(_CODE_RUNNING))
-    if suspicious:
-        raise UnsafeCheckpointError(
-            f"refusing checkpoint {path}: it pickles calls that would run code or open files "
-            f"({_summary(suspicious)}; a weights file never needs them); nothing was executed. "
-            f"If you trust its source, re-save only its weights: torch.save({{'state_dict': "
-            f"torch.load(path, weights_only=False)['state_dict']}}, new_path)")
     return obj
 
 
@@ -234,9 +214,12 @@ def save_checkpoint(path, model, meta=None, **extra):
     """Write ``{'meta', 'state_dict', **extra}`` atomically (mmseg's layout; loads in mmseg too).
 
     ``model`` is a module (a DataParallel/DDP wrapper is unwrapped) or a state_dict. The file is
-    written to a temporary file in the same folder, fsynced, then renamed over ``path``, so a crash
-    never leaves a truncated checkpoint.
+    written with :func:`fastunet.atomic.atomic_write` (temporary file beside it, fsync, rename),
+    so a crash or a full disk never leaves a truncated checkpoint; a full disk raises
+    :class:`fastunet.atomic.DiskFullError` naming ``path``.
     """
+    from ..atomic import atomic_write
+
     path = os.fspath(path)
     state = model if isinstance(model, dict) else _unwrap(model).state_dict()
     state = {k: v.detach().cpu() for k, v in state.items()}
@@ -244,26 +227,7 @@ def save_checkpoint(path, model, meta=None, **extra):
     meta = dict(meta or {})
     meta.setdefault("fastunet_version", __version__)
     meta.setdefault("time", time.strftime("%Y%m%d_%H%M%S"))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # the writer's pid in the name: a file left by a killed writer can be told from a live one
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"meta": meta, "state_dict": state, **extra}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as f:
+        torch.save({"meta": meta, "state_dict": state, **extra}, f)
     return path

@@ -1,12 +1,13 @@
 """Command-line plumbing shared by ``fastunet.train`` and ``fastunet.test``: configs, errors."""
+import math
 import os
-import sys
 
+from .._cli import fail  # noqa: F401  (train and test import the one error printer from here)
 from ..models.config_files import ConfigFileError
 from ..models.configs import ConfigKeyError, apply_overrides, get_config
 
 __all__ = ["UserError", "load_config", "print_config", "fail", "default_work_dir",
-           "validate_training_config", "check_device", "data_error_message"]
+           "validate_training_config", "check_budget", "check_device", "data_error_message"]
 
 
 class UserError(Exception):
@@ -55,12 +56,6 @@ def default_work_dir(cfg):
     return os.path.join("work_dirs", cfg["name"])
 
 
-def fail(prog, message, code=2):
-    """Print ``prog: error: message`` on stderr and return the exit code."""
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    return code
-
-
 def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -102,13 +97,114 @@ _DATA_CHECKS = {
 
 
 def validate_training_config(cfg):
-    """UserError naming the config key when a training or data setting cannot work."""
+    """UserError naming the config key when a training or data setting cannot work: a value of
+    the wrong type or range, a class count the data and loss cannot train, or sizes and image
+    counts that cannot fit in memory or would take days to generate (see :func:`check_budget`)."""
     for part, checks in (("train", _TRAIN_CHECKS), ("data", _DATA_CHECKS)):
         section = cfg.get(part) or {}
         for key, (ok, what) in checks.items():
             if key in section and section[key] is not None and not ok(section[key]):
                 raise UserError(f"config key '{part}.{key}' must be {what}, got "
                                 f"{section[key]!r} (see --cfg-options)")
+    model = cfg.get("model") or {}
+    for head in ("decode_head", "auxiliary_head"):
+        for i, part in enumerate(_as_list(model.get(head))):
+            n = part.get("num_classes") if isinstance(part, dict) else None
+            if _ints(n) and n < DATA_CLASSES:
+                where = f"model.{head}" + (f"[{i}]" if isinstance(model[head], list) else "")
+                raise UserError(f"config key '{where}.num_classes' is {n}, but the data has "
+                                f"{DATA_CLASSES} classes (background, vessel) and the loss is a "
+                                f"softmax cross-entropy over them: it must be at least "
+                                f"{DATA_CLASSES}")
+    check_budget(cfg)
+
+
+def _as_list(v):
+    return v if isinstance(v, list) else [] if v is None else [v]
+
+
+# Every dataset here labels two classes (0 background, 1 vessel; 255 ignored).
+DATA_CLASSES = 2
+# Lower bounds of the memory and time a setting takes, about half of what was measured on the
+# CPU (docs/robustness.md), so that only what certainly cannot fit is refused: the synthetic
+# generator per image pixel; mmseg's training pipeline per pixel of the rescaled image (uint8
+# image and label); a UNet-S5-D16 training step per crop pixel and base channel.
+_GENERATOR_BYTES_PER_PIXEL = 64
+_GENERATOR_SECONDS_PER_PIXEL = 1e-6
+_PIPELINE_BYTES_PER_PIXEL = 4
+_STEP_BYTES_PER_PIXEL_CHANNEL = 48
+# the synthetic set is generated before training starts; refuse what takes longer than this
+MAX_GENERATION_SECONDS = 24 * 3600
+
+
+def _memory_bytes():
+    """The largest memory a run here can use: RAM, or the biggest GPU's."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this OS: do not refuse anything
+        return float("inf")
+    import torch
+
+    gpus = [torch.cuda.get_device_properties(i).total_memory
+            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return max([ram] + gpus)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def _gib(n):
+    return f"{n / 2 ** 30:,.0f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:,.0f} MiB"
+
+
+def check_budget(cfg):
+    """UserError when the config's sizes cannot fit in this machine's memory (RAM or its largest
+    GPU) or the synthetic set would take more than a day to generate, with the estimate."""
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    memory = _memory_bytes()
+    batch = int((cfg.get("train") or {}).get("batch_size") or 1)
+    per_process = max(1, batch // max(1, int(os.environ.get("WORLD_SIZE", 1))))
+    width = (model.get("backbone") or {}).get("base_channels") or 64
+    ratio = max(_pair(data.get("ratio_range") or (1, 1)))
+    h, w = _pair(data.get("img_scale") or (1, 1))
+    needs = [("data.crop_size", "a training step on",
+              per_process * math.prod(_pair(data.get("crop_size") or 1)) * width
+              * _STEP_BYTES_PER_PIXEL_CHANNEL),
+             ("data.img_scale", "mmseg's pipeline rescaling images (ratio up to "
+              f"{ratio:g}) to", h * w * ratio * ratio * _PIPELINE_BYTES_PER_PIXEL)]
+    synthetic = str(data.get("dataset", "")).lower() == "synthetic"
+    size = _pair(data.get("image_size") or (584, 565))
+    if synthetic:
+        needs.append(("data.image_size", "generating one synthetic image of",
+                      math.prod(size) * _GENERATOR_BYTES_PER_PIXEL))
+    for key, what, need in needs:
+        if need > memory:
+            raise UserError(f"config key '{key}' = {_short(data.get(key.split('.')[1]))}: "
+                            f"{what} it needs at least {_gib(need)} of memory, more than this "
+                            f"machine has ({_gib(memory)})")
+    if synthetic:
+        seconds = math.prod(size) * _GENERATOR_SECONDS_PER_PIXEL
+        most = max(1, int(MAX_GENERATION_SECONDS / seconds))
+        for key in ("num_train", "num_val"):
+            n = data.get(key) or 0
+            if n > most:
+                raise UserError(
+                    f"config key 'data.{key}' = {n}: the synthetic images are generated before "
+                    f"training, at least {_duration(n * seconds)} for {n} images of "
+                    f"{size[0]}x{size[1]}; use at most {most} (a day's generation)")
+
+
+def _short(v):
+    text = repr(tuple(v) if isinstance(v, list) else v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _duration(seconds):
+    for unit, n in (("years", 365 * 86400), ("days", 86400), ("hours", 3600)):
+        if seconds >= n:
+            return f"{seconds / n:,.1f} {unit}"
+    return f"{seconds:,.0f} s"
 
 
 def check_device(spec):

@@ -84,16 +84,22 @@ class RunLog:
         self._tb = _tensorboard(os.path.join(work_dir, "tensorboard"))
 
     def _rewrite(self):
-        tmp = self.jsonl_path + ".tmp"
-        with open(tmp, "w") as f:
+        from ..atomic import atomic_write
+
+        with atomic_write(self.jsonl_path, "w") as f:
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.jsonl_path)
 
     def _append(self, record):
+        from ..atomic import raise_if_disk_full
+
         self.records.append(record)
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise_if_disk_full(e, self.jsonl_path)
+            raise
 
     def print(self, text):
         """A message that does not break the progress bar."""

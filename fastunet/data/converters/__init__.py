@@ -8,7 +8,7 @@
 Use ``python -m fastunet.convert`` or ``convert_dataset(name, archives, root)``.
 """
 from . import chase_db1, drive, hrf, stare
-from .common import MANIFEST, Archive, ConvertError, convert, read_manifest
+from .common import MANIFEST, Archive, ConvertError, convert, max_pixels_of, read_manifest
 
 CONVERTERS = {m.NAME: m for m in (drive, stare, chase_db1, hrf)}
 
@@ -21,7 +21,8 @@ def convert_dataset(name, archives, root, overwrite=False, progress=False):
     if not opened:
         raise ConvertError(f"no archives given; {name} needs {CONVERTERS[name].ARCHIVES}")
     samples = CONVERTERS[name].plan(opened)
-    return convert(name, samples, opened, root, overwrite=overwrite, progress=progress)
+    return convert(name, samples, opened, root, overwrite=overwrite, progress=progress,
+                   max_pixels=max_pixels_of(CONVERTERS[name].IMAGE_SIZE))
 
 
 __all__ = ["CONVERTERS", "ConvertError", "MANIFEST", "convert_dataset", "read_manifest"]

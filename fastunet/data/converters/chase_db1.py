@@ -4,10 +4,11 @@ As mmseg's ``tools/dataset_converters/chase_db1.py``: the 28 images sorted by na
 20 to ``training``, the last 8 to ``validation``: ``Image_01L.png`` with ``Image_01L_1stHO.png``
 (the annotation used for training and scoring) and ``Image_01L_2ndHO.png``. No FOV masks.
 """
-from .common import (ConvertError, Sample, check_archives_used, check_count, check_paired,
-                     match_members, rx)
+from .common import (ConvertError, Sample, archives_of, check_archives_used, check_count,
+                     check_paired, match_members, rx)
 
 NAME = "chase_db1"
+IMAGE_SIZE = (960, 999)  # (h, w) of the original images
 ARCHIVES = "CHASEDB1.zip"
 TOTAL, TRAINING = 28, 20
 PATTERNS = {
@@ -24,7 +25,7 @@ def plan(archives):
     images, first, second = found["image"], found["1stHO"], found["2ndHO"]
     if not images:
         raise ConvertError(f"no CHASE_DB1 images (Image_01L.jpg ...): pass {ARCHIVES}")
-    check_count(f"CHASE_DB1 images in {ARCHIVES}", len(images), TOTAL)
+    check_count(f"CHASE_DB1 images in {archives_of(images, ARCHIVES)}", len(images), TOTAL)
     check_paired("images", images, "_1stHO annotations", first)
     if second:
         check_paired("images", images, "_2ndHO annotations", second)

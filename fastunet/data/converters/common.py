@@ -1,20 +1,24 @@
 """Shared machinery of the dataset converters: archives, member matching, atomic data roots.
 
 A converter module (drive.py, ...) only says which archive members it expects and where each
-goes (``plan(archives) -> [Sample]``); ``convert`` here decodes, validates and writes them into a
-temporary directory beside the target and renames it into place, so a data root is either
-complete or absent. A manifest (``fastunet_dataset.json``) records the source archives and the
-SHA-256 of every written file, which makes re-running idempotent.
+goes (``plan(archives) -> [Sample]``) and how large its images are (``IMAGE_SIZE``); ``convert``
+here decodes, validates and writes them into a temporary directory beside the target and renames
+it into place (:func:`fastunet.atomic.atomic_directory`), so a data root is either complete or
+absent. A manifest (``fastunet_dataset.json``) records the source archives and the SHA-256 of
+every written file, which makes re-running idempotent.
+
+Archives are not trusted: a member may be read only if its declared size is one an image of
+the dataset can have (:func:`member_limit`), it is read in a bounded stream, and its pixels are
+checked against the dataset's from the image header before it is decoded, so a small member that
+inflates to gigabytes, or declares a huge image, is refused before it costs memory.
 """
 import dataclasses
 import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import tarfile
-import tempfile
 import threading
 import zipfile
 import zlib
@@ -30,6 +34,18 @@ _FORMAT = 1
 
 class ConvertError(Exception):
     """A conversion cannot proceed; the message says what was wrong and what to do."""
+
+
+def max_pixels_of(image_size):
+    """Pixels a member of a dataset whose images are ``image_size`` (h, w) may declare: 4x the
+    originals' (room for re-encoded variants; far below what could exhaust memory)."""
+    return 4 * image_size[0] * image_size[1]
+
+
+def member_limit(max_pixels):
+    """Bytes a member holding at most ``max_pixels`` pixels can take: uncompressed 16-bit RGBA
+    (8 bytes a pixel) plus 1 MiB of headers."""
+    return 8 * max_pixels + (1 << 20)
 
 
 class Archive:
@@ -62,17 +78,34 @@ class Archive:
             raise ConvertError(f"{self.path}: cannot read archive ({e}); "
                                "download it again") from None
 
-    def read(self, member):
-        """Bytes of one member; a corrupt archive raises ConvertError naming archive and member."""
+    def size(self, member):
+        """The uncompressed size the archive declares for a member."""
+        if self._zip is not None:
+            return self._zip.getinfo(member).file_size
+        return self._tar_members[member].size
+
+    def read(self, member, limit=None):
+        """Bytes of one member, at most ``limit`` (streamed: a member that would inflate beyond
+        it is refused before it is read whole); a corrupt archive raises ConvertError naming
+        archive and member."""
+        declared = self.size(member)
+        if limit is not None and declared > limit:
+            raise ConvertError(f"{self.path}: member {member} declares {declared} bytes, more than "
+                               f"any image of this dataset takes ({limit}); the archive is not "
+                               f"the original, download it again")
         try:
             with self._lock:
-                if self._zip is not None:
-                    return self._zip.read(member)
-                f = self._tar.extractfile(self._tar_members[member])
-                return f.read()
+                f = (self._zip.open(member) if self._zip is not None
+                     else self._tar.extractfile(self._tar_members[member]))
+                with f:
+                    data = f.read(declared + 1)
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ConvertError(f"{self.path}: member {member} is corrupt ({e}); "
                                "download the archive again") from None
+        if len(data) > declared:
+            raise ConvertError(f"{self.path}: member {member} holds more than the {declared} "
+                               f"bytes it declares; download the archive again")
+        return data
 
     def sha256(self):
         """SHA-256 of the archive file (identifies the input in the manifest)."""
@@ -89,11 +122,17 @@ class Member:
     archive: Archive
     name: str
 
-    def read(self):
-        return self.archive.read(self.name)
+    def read(self, limit=None):
+        return self.archive.read(self.name, limit)
 
     def __str__(self):
-        return f"{self.archive.name}:{self.name}"
+        return f"{self.archive.path}:{self.name}"
+
+
+def archives_of(members, default):
+    """The archives (as given) that ``members`` ({id: Member}) came from, else ``default``."""
+    paths = sorted({m.archive.path for m in members.values()})
+    return ", ".join(paths) if paths else default
 
 
 @dataclasses.dataclass
@@ -123,9 +162,14 @@ def match_members(archives, patterns):
                 m = rx.search(path)
                 if m:
                     ident = m.group("id")
-                    if ident in found[key]:
-                        raise ConvertError(f"{found[key][ident]} and {archive.name}:{name} are the "
-                                           "same file twice: pass each archive once")
+                    first = found[key].get(ident)
+                    if first is not None and first.archive is archive:
+                        raise ConvertError(f"duplicate member inside {archive.path}: {first.name} "
+                                           f"and {name} are the same file; the archive is "
+                                           f"damaged or repacked, download it again")
+                    if first is not None:
+                        raise ConvertError(f"{first} and {archive.path}:{name} are the same file "
+                                           "twice: pass each archive once")
                     found[key][ident] = Member(archive, name)
                     break
     return found
@@ -164,20 +208,21 @@ def rx(pattern):
     return re.compile(r"(?:^|/)" + pattern + r"$")
 
 
-def binarize(data, name):
+def binarize(data, name, max_pixels=None):
     """Label/mask bytes -> {0,1} uint8: ``value >= 128`` on the first channel of the BGR image.
 
     mmseg's converters read annotations with OpenCV (BGR) and keep ``img[:, :, 0] // 128``, i.e.
     the blue channel; for the gray annotations of these datasets every channel is the same.
     """
-    return (decode_image(data, name)[..., 2] >= 128).astype(np.uint8)
+    return (decode_image(data, name, max_pixels)[..., 2] >= 128).astype(np.uint8)
 
 
-def _convert_sample(sample, tmp_root):
+def _convert_sample(sample, tmp_root, max_pixels):
     """Decode, validate and write one sample; returns the relative paths written."""
+    limit = member_limit(max_pixels)
     written = []
     try:
-        img = decode_image(sample.image.read(), str(sample.image))
+        img = decode_image(sample.image.read(limit), str(sample.image), max_pixels)
     except ImageReadError as e:
         raise ConvertError(f"unreadable image: {e}; download the archive again") from None
     h, w = img.shape[:2]
@@ -187,7 +232,7 @@ def _convert_sample(sample, tmp_root):
         parts.append((f"fov/{sample.split}/{sample.image_name}", sample.fov))
     for rel, member in parts:
         try:
-            mask = binarize(member.read(), str(member))
+            mask = binarize(member.read(limit), str(member), max_pixels)
         except ImageReadError as e:
             raise ConvertError(f"unreadable label/mask: {e}; download the archive again") from None
         if mask.shape != (h, w):
@@ -233,18 +278,26 @@ def _up_to_date(root, manifest):
     return all(_file_sha256(os.path.join(root, rel)) == digest for rel, digest in files.items())
 
 
-def convert(dataset, samples, archives, out_root, overwrite=False, progress=True):
+def convert(dataset, samples, archives, out_root, overwrite=False, progress=True,
+            max_pixels=None):
     """Write samples into out_root atomically; returns 'written' or 'up-to-date'.
 
     out_root may not exist yet, or be empty. If it holds the result of converting the same
     archives it is left alone ('up-to-date'); any other existing content is refused unless
-    ``overwrite``, in which case it is replaced only after the new root is complete.
+    ``overwrite``, in which case it is replaced only after the new root is complete. Members of
+    more than ``max_pixels`` pixels (default: the io module's limit) are refused.
     """
     from tqdm import tqdm
 
+    from ...atomic import atomic_directory, atomic_write, remove_stale_temp_files
+    from ..io import MAX_PIXELS
+
+    max_pixels = max_pixels or MAX_PIXELS
     out_root = os.path.abspath(os.fspath(out_root))
     if os.path.exists(out_root) and not os.path.isdir(out_root):
         raise ConvertError(f"{out_root}: exists and is not a directory")
+    parent = os.path.dirname(out_root)
+    remove_stale_temp_files(parent, recursive=False)  # roots of conversions that were killed
     manifest = {"format": _FORMAT, "dataset": dataset,
                 "archives": sorted(({"name": a.name, "size": os.path.getsize(a.path),
                                      "sha256": a.sha256()} for a in archives),
@@ -256,11 +309,8 @@ def convert(dataset, samples, archives, out_root, overwrite=False, progress=True
         if not overwrite:
             raise ConvertError(f"{out_root}: exists and is not this conversion of these archives; "
                                "pass --overwrite to replace it, or choose another -o")
-    parent = os.path.dirname(out_root)
     os.makedirs(parent, exist_ok=True)
-    base = os.path.basename(out_root)
-    tmp = _mkdtemp(parent, f".{base}.converting-")
-    try:
+    with atomic_directory(out_root, replace=True) as tmp:
         for split in SPLITS:
             for kind in ("images", "annotations"):
                 os.makedirs(os.path.join(tmp, kind, split))
@@ -271,43 +321,10 @@ def convert(dataset, samples, archives, out_root, overwrite=False, progress=True
         bar = tqdm(samples, desc=f"converting {dataset}", unit="img", file=sys.stderr,
                    disable=not progress, leave=False)
         for sample in bar:
-            files.extend(_convert_sample(sample, tmp))
+            files.extend(_convert_sample(sample, tmp, max_pixels))
         manifest["files"] = {rel: _file_sha256(os.path.join(tmp, rel)) for rel in sorted(files)}
         manifest["counts"] = {split: sum(s.split == split for s in samples) for split in SPLITS}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
+        with atomic_write(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.write("\n")
-        _swap_into_place(tmp, out_root, parent, base)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return "written"
-
-
-def _mkdtemp(parent, prefix):
-    return tempfile.mkdtemp(prefix=prefix, dir=parent)
-
-
-def _swap_into_place(tmp, out_root, parent, base):
-    """Rename the finished tmp dir to out_root; an old root is moved aside first, then deleted."""
-    os.chmod(tmp, 0o777 & ~_umask())
-    if os.path.isdir(out_root) and not os.listdir(out_root):
-        os.rmdir(out_root)
-    if not os.path.exists(out_root):
-        os.rename(tmp, out_root)
-        return
-    old = _mkdtemp(parent, f".{base}.replaced-")
-    os.rmdir(old)
-    os.rename(out_root, old)
-    try:
-        os.rename(tmp, out_root)
-    except BaseException:
-        os.rename(old, out_root)  # put the previous root back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask():
-    mask = os.umask(0o022)  # reading the umask means setting it; restore at once
-    os.umask(mask)
-    return mask

@@ -6,10 +6,11 @@ As mmseg's ``tools/dataset_converters/drive.py``: ``training/images/21_training.
 ``01_manual1.png``, and ``01_manual2.png`` from ``test/2nd_manual`` when present). The FOV masks
 ``*/mask/*_mask.gif`` are kept as ``fov/<split>/<image name>``.
 """
-from .common import (ConvertError, Sample, check_archives_used, check_count, check_paired,
-                     match_members, rx)
+from .common import (ConvertError, Sample, archives_of, check_archives_used, check_count,
+                     check_paired, match_members, rx)
 
 NAME = "drive"
+IMAGE_SIZE = (584, 565)  # (h, w) of the original images
 ARCHIVES = "training.zip test.zip"
 COUNTS = {"training": 20, "validation": 20}
 _TIF, _GIF = r"\.(?i:tiff?)", r"\.(?i:gif)"
@@ -36,7 +37,8 @@ def plan(archives):
                       else "test/images/*_test.tif")
             raise ConvertError(f"no DRIVE {split} images ({member}): pass {zipname} too "
                                f"(DRIVE needs {ARCHIVES})")
-        check_count(f"DRIVE {split} images in {zipname}", len(images), COUNTS[split])
+        check_count(f"DRIVE {split} images in {archives_of(images, zipname)}", len(images),
+                    COUNTS[split])
         manual1 = found[(split, "manual1")]
         if not manual1 and split == "validation":
             raise ConvertError("test.zip has no test/1st_manual/*_manual1.gif: this copy of DRIVE "

@@ -7,10 +7,11 @@ images sorted by name, the first 5 to ``training`` and the other 10 to ``validat
 ``all.zip`` with ``images/``, ``manual1/``, ``mask/``) are kept as ``fov/<split>/01_h.png`` when
 given for every image.
 """
-from .common import (ConvertError, Sample, check_archives_used, check_count, check_paired,
-                     match_members, rx)
+from .common import (ConvertError, Sample, archives_of, check_archives_used, check_count,
+                     check_paired, match_members, rx)
 
 NAME = "hrf"
+IMAGE_SIZE = (2336, 3504)  # (h, w) of the original images
 ARCHIVES = ("healthy.zip glaucoma.zip diabetic_retinopathy.zip healthy_manualsegm.zip "
             "glaucoma_manualsegm.zip diabetic_retinopathy_manualsegm.zip [*_fovmask.zip]")
 CATEGORIES = {"h": "healthy", "g": "glaucoma", "dr": "diabetic_retinopathy"}
@@ -34,7 +35,8 @@ def plan(archives):
         if not ids:
             raise ConvertError(f"no HRF images *_{cat}.jpg: pass {zipname}.zip and "
                                f"{zipname}_manualsegm.zip too (HRF needs {ARCHIVES})")
-        check_count(f"HRF images *_{cat}.jpg in {zipname}.zip", len(ids), PER_CATEGORY)
+        given = archives_of({i: images[i] for i in ids}, f"{zipname}.zip")
+        check_count(f"HRF images *_{cat}.jpg in {given}", len(ids), PER_CATEGORY)
         cat_labels = {i: m for i, m in labels.items() if i.endswith("_" + cat)}
         if not cat_labels:
             raise ConvertError(f"no HRF manual segmentations *_{cat}.tif: pass "

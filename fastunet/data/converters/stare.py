@@ -5,10 +5,11 @@ name, the first 10 to ``training``, the last 10 to ``validation``: ``im0001.png`
 annotation ``im0001.ah.png`` (Hoover) and, when labels-vk.tar is given, ``im0001.vk.png``
 (Kouznetsova). STARE ships no FOV masks.
 """
-from .common import (ConvertError, Sample, check_archives_used, check_count, check_paired,
-                     match_members, rx)
+from .common import (ConvertError, Sample, archives_of, check_archives_used, check_count,
+                     check_paired, match_members, rx)
 
 NAME = "stare"
+IMAGE_SIZE = (605, 700)  # (h, w) of the original images
 ARCHIVES = "stare-images.tar labels-ah.tar [labels-vk.tar]"
 TOTAL, TRAINING = 20, 10
 _PPM = r"\.(?i:ppm)(?:\.(?i:gz))?"
@@ -30,7 +31,8 @@ def plan(archives):
     if not ah:
         raise ConvertError(f"no STARE labels (im0001.ah.ppm.gz ...): pass labels-ah.tar "
                            f"(STARE needs {ARCHIVES})")
-    check_count("STARE images in stare-images.tar", len(images), TOTAL)
+    check_count(f"STARE images in {archives_of(images, 'stare-images.tar')}", len(images),
+                TOTAL)
     check_paired("images", images, "labels-ah annotations", ah)
     if vk:
         check_paired("images", images, "labels-vk annotations", vk)
