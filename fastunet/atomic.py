@@ -22,7 +22,7 @@ import re
 import secrets
 import shutil
 
-__all__ = ["atomic_write", "atomic_copy", "atomic_directory", "remove_stale_temp_files",
+__all__ = ["atomic_write", "atomic_path", "atomic_copy", "atomic_directory", "remove_stale_temp_files",
            "temp_path", "fsync_folder", "raise_if_disk_full", "DiskFullError"]
 
 _TEMP_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
@@ -128,15 +128,42 @@ def atomic_write(path, mode="wb", encoding=None):
             f.close()
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        code = None if isinstance(exc, DiskFullError) else (
-            f.error.errno if f.error is not None and f.error.errno in _FULL
-            else _full_code(exc, folder))
-        if code is not None:
-            raise DiskFullError(path, code) from exc
+        _discard(tmp, path, folder, exc, f.error)
         raise
     fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside ``path`` for writers that take a file name (ONNX,
+    TorchScript); when the block ends without an error the file there replaces ``path``
+    (fsynced, renamed, folder fsynced). The writer must create the file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _discard(tmp, path, folder, exc)
+        raise
+    fsync_folder(folder)
+
+
+def _discard(tmp, path, folder, exc, write_error=None):
+    """Remove a failed write's temporary file; a full disk becomes a DiskFullError."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    code = None if isinstance(exc, DiskFullError) else (
+        write_error.errno if write_error is not None and write_error.errno in _FULL
+        else _full_code(exc, folder))
+    if code is not None:
+        raise DiskFullError(path, code) from exc
 
 
 def atomic_copy(src, dst):

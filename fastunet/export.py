@@ -27,6 +27,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_path
+
 __all__ = ["export", "standard_model", "main"]
 
 FORMATS = ("onnx", "torchscript")
@@ -105,18 +107,11 @@ def export(model, path, format="onnx", dynamic=True, example=None):
                          f"got {tuple(x.shape)}")
     standard = standard_model(model)
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with torch.no_grad():
-            if format == "onnx":
-                _export_onnx(standard, x, tmp, dynamic)
-            else:
-                _export_torchscript(standard, x, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, torch.no_grad():
+        if format == "onnx":
+            _export_onnx(standard, x, tmp, dynamic)
+        else:
+            _export_torchscript(standard, x, tmp)
     return path
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fastunet.atomic import (DiskFullError, atomic_copy, atomic_directory, atomic_write,
-                             remove_stale_temp_files, temp_path)
+from fastunet.atomic import (DiskFullError, atomic_copy, atomic_directory, atomic_path,
+                             atomic_write, remove_stale_temp_files, temp_path)
 
 
 def _dead_pid():
@@ -27,6 +27,20 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             f.write("new, half")
             1 / 0
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_a_writer_given_a_name_replaces_the_file_only_when_it_succeeds(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("the exporter failed")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.onnx"]
+    with atomic_path(path) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not os.path.exists(tmp)
+        open(tmp, "wb").write(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["model.onnx"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
