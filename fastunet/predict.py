@@ -1,9 +1,17 @@
 """Segment your own images: vessel masks, probability maps and overlays as PNG files.
 
+    python -m fastunet.predict photo.jpg               # fastunet's pretrained weights -> predictions/
+    python -m fastunet.predict photos/ --checkpoint work_dirs/synthetic/latest.pth --out-dir out
     python -m fastunet.predict --config fcn_unet_s5-d16_64x64_40k_drive --checkpoint drive.pth \\
-        photos/ extra/scan.tif --out-dir predictions
-    python -m fastunet.predict --config ... --checkpoint ... images/ --out-dir out \\
-        --save-probs --mode overlap-tile --precision bf16 --tta hv
+        photos/ extra/scan.tif --out-dir predictions --save-probs --mode overlap-tile --tta hv
+
+Without --checkpoint it uses the weights that ship with fastunet (trained on synthetic fundus
+images only: plausible vessels on real photographs, not accurate ones; fine-tune them on
+annotated real images for accuracy) and says so once. A checkpoint carries its config, so
+--config is only needed for checkpoints without one (bare state_dicts, some mmseg files). With
+--fov-scale auto (default), photos are rescaled so that their field of view has the diameter of
+the checkpoint's training images, when the checkpoint records it (the shipped weights do), and
+the results brought back to the photo's size (fastunet.inference.fov).
 
 For each image NAME.EXT it writes NAME_mask.png (vessels 255, background 0), NAME_overlay.png
 (the vessels tinted green over the image) and, with --save-probs, NAME_prob.png (vessel
@@ -160,8 +168,9 @@ def build_parser():
 
     p = ArgumentParser(
         prog="python -m fastunet.predict",
-        description="Segment vessels in images with a trained fastunet / mmseg checkpoint and "
-                    "write masks, overlays and (optionally) probability maps as PNG.",
+        description="Segment the vessels of colour fundus photographs, with the weights "
+                    "shipped with fastunet (default) or a trained fastunet / mmseg checkpoint, "
+                    "and write masks, overlays and (optionally) probability maps as PNG.",
         epilog="outputs per image NAME: NAME_mask.png (vessels 255), NAME_overlay.png, and\n"
                "with --save-probs NAME_prob.png, written atomically under --out-dir, each\n"
                "marked with a PNG text chunk (Software: fastunet.predict). Folders keep their\n"
@@ -179,13 +188,23 @@ def build_parser():
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS",
                    help="image files and/or folders (searched recursively for "
                         + ", ".join(IMAGE_EXTENSIONS) + ", also gzip-compressed)")
-    p.add_argument("--config", required=True,
-                   help="config name, e.g. fcn_unet_s5-d16_64x64_40k_drive (python -c 'import "
-                        "fastunet; print(fastunet.list_configs())' lists them; mmseg 1.x names "
-                        "work too)")
-    p.add_argument("--checkpoint", required=True,
-                   help="trained weights: a fastunet or mmseg .pth checkpoint")
-    p.add_argument("--out-dir", required=True, help="folder for the output PNGs (created)")
+    p.add_argument("--checkpoint", default=None,
+                   help="trained weights: a fastunet or mmseg .pth checkpoint (default: the "
+                        "weights shipped with fastunet, trained on synthetic fundus images)")
+    p.add_argument("--config", default=None,
+                   help="the checkpoint's config: a name such as fcn_unet_s5-d16_64x64_40k_drive "
+                        "(python -c 'import fastunet; print(fastunet.list_configs())' lists them; "
+                        "mmseg 1.x names work too) or a config file. Default: the one stored in "
+                        "the checkpoint (fastunet's checkpoints and mmseg's with their config "
+                        "text carry it)")
+    p.add_argument("--out-dir", default="predictions",
+                   help="folder for the output PNGs (created; default: predictions)")
+    p.add_argument("--fov-scale", choices=("auto", "off"), default="auto",
+                   help="auto (default): rescale each photo so that its field of view (the bright "
+                        "disc, found on the red channel) has the diameter of the checkpoint's "
+                        "training images, when the checkpoint records it (the shipped weights "
+                        "do), and bring the results back to the photo's size; off: segment "
+                        "photos at their own scale")
     p.add_argument("--save-probs", action="store_true",
                    help="also write NAME_prob.png: the vessel probability scaled to 0..255")
     p.add_argument("--no-overlay", action="store_true", help="do not write NAME_overlay.png")
@@ -259,15 +278,13 @@ def _run(args):
     from .data.io import decode_image
     from .inference.predictor import Predictor, prefetch_files
 
+    if args.config is not None and args.checkpoint is None:
+        return fail(PROG, "--config names the config of a --checkpoint: give both (without "
+                          "either, the shipped pretrained weights and their config are used)")
     restore = apply_deterministic_flag(args)
     try:
         try:
-            predictor = Predictor(args.config, args.checkpoint, device=args.device,
-                                  precision=args.precision, mode=args.mode,
-                                  window_batch=args.window_batch,
-                                  tta=None if args.tta == "none" else args.tta,
-                                  gaussian=args.gaussian, tile_size=args.tile_size,
-                                  margin=args.margin)
+            predictor = _build_predictor(args, Predictor)
         except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
             return fail(PROG, exc)
         try:
@@ -282,6 +299,30 @@ def _run(args):
         return 130
     finally:
         restore()
+
+
+def _build_predictor(args, Predictor):
+    """The Predictor the arguments describe; the shipped weights (said once) without
+    --checkpoint."""
+    options = dict(device=args.device, precision=args.precision, mode=args.mode,
+                   window_batch=args.window_batch, tta=None if args.tta == "none" else args.tta,
+                   gaussian=args.gaussian, tile_size=args.tile_size, margin=args.margin,
+                   fov_diameter="auto" if args.fov_scale == "auto" else None)
+    if args.checkpoint is None:
+        predictor = Predictor.pretrained(**options)
+        from .weights import PRETRAINED
+
+        print(f"{PROG}: using fastunet's pretrained weights ({PRETRAINED}): trained on synthetic "
+              f"fundus images only, so expect plausible vessels, not accurate ones; fine-tune "
+              f"them on annotated real photos for accuracy (python -m fastunet.train "
+              f"--load-from ...)", file=sys.stderr)
+    else:
+        predictor = Predictor(args.config, args.checkpoint, **options)
+    if predictor.fov_diameter is not None:
+        print(f"{PROG}: photos are rescaled so that their field of view is "
+              f"{predictor.fov_diameter:.0f} pixels across, as in the training images "
+              f"(--fov-scale off to keep their size)", file=sys.stderr)
+    return predictor
 
 
 def _write_outputs(args, out, rgb, labels, probs):

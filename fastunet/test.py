@@ -4,8 +4,8 @@
         --checkpoint work_dirs/fcn_unet_s5-d16_64x64_40k_drive/latest.pth --data-root data/DRIVE
     python -m fastunet.test --config unet-s5-d16_fcn_4xb4-40k_drive-64x64 \\
         --checkpoint fcn_unet_s5-d16_64x64_40k_drive_20201223_191051-5daf6d3b.pth  # mmseg's file
-    python -m fastunet.test --config synthetic --checkpoint work_dirs/synthetic/latest.pth \\
-        --fov --json results.json --save-predictions preds/
+    python -m fastunet.test --checkpoint work_dirs/synthetic/latest.pth \\
+        --fov --json results.json --save-predictions preds/     # the config stored in the file
 
 Images are predicted at native resolution in the config's test mode (``slide`` for the published
 configs, as mmseg) or ``--mode`` (``--tta`` adds flipped predictions); metrics are pooled over
@@ -38,8 +38,10 @@ def build_parser():
         description="Score a trained model (a fastunet or mmseg checkpoint) on the validation\n"
                     "split of its dataset and print the per-class and summary tables.",
         epilog="examples:\n" + __doc__.split("\n\n")[1])
-    p.add_argument("--config", required=True,
-                   help="config name (or mmseg 1.x config file name) the model was trained with")
+    p.add_argument("--config",
+                   help="config name or file the model was trained with (default: the one "
+                        "stored in the checkpoint; fastunet's checkpoints and mmseg's with their "
+                        "config text carry it)")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint file: fastunet's (work_dirs/...) or mmseg's")
     p.add_argument("--data-root", metavar="DIR",
@@ -99,11 +101,17 @@ def run_test(args):
     """Evaluate as ``args`` say; prints the tables and returns the metrics dict."""
     from .atomic import atomic_write
     from .inference import resolve_precision
-    from .models import build_segmentor, load_checkpoint
+    from .models import build_segmentor
+    from .models.checkpoint import load_state
     from .training import cli, data as tdata, distributed
     from .training.evaluation import evaluate
 
-    cfg = cli.load_config(args.config, args.cfg_options)
+    ckpt = None
+    if args.config is None:
+        ckpt = _read_checkpoint(args.checkpoint)
+        cfg = _checkpoint_config(ckpt, args.checkpoint, args.cfg_options)
+    else:
+        cfg = cli.load_config(args.config, args.cfg_options)
     cli.check_device(args.device)
     if args.json and os.path.isdir(args.json):
         raise cli.UserError(f"--json {args.json} is a folder; give a file name")
@@ -119,15 +127,14 @@ def run_test(args):
         val_set = _ColourCheck(tdata.build_split(cfg["data"], "validation", args.data_root))
     except (tdata.DataRootError, FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
-    if not os.path.isfile(args.checkpoint):
-        raise cli.UserError(f"checkpoint {args.checkpoint} "
-                            + ("is a folder" if os.path.isdir(args.checkpoint) else "not found"))
+    if ckpt is None:
+        ckpt = _read_checkpoint(args.checkpoint)
     try:
         model = build_segmentor(cfg)
     except (ValueError, TypeError, KeyError) as e:
         raise cli.UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
     try:
-        meta = load_checkpoint(model, args.checkpoint)
+        meta = load_state(model, ckpt, args.checkpoint)
     except (ValueError, RuntimeError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
     model.to(dist_info.device).eval()
@@ -188,6 +195,37 @@ def run_test(args):
             print(f"json: {args.json}")
     distributed.shutdown()
     return metrics
+
+
+def _read_checkpoint(path):
+    """The checkpoint file's object; UserError (one line) when it cannot be read."""
+    from .models.checkpoint import read_checkpoint
+    from .training.cli import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} " + ("is a folder" if os.path.isdir(path) else
+                                                  "not found"))
+    try:
+        return read_checkpoint(path)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+
+
+def _checkpoint_config(ckpt, path, cfg_options):
+    """The config stored in the checkpoint, with --cfg-options applied (UserError otherwise)."""
+    from .models import apply_overrides
+    from .models.checkpoint import checkpoint_config
+    from .models.configs import ConfigKeyError
+    from .training.cli import UserError
+
+    try:
+        cfg = checkpoint_config(ckpt, path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        return apply_overrides(cfg, cfg_options)
+    except (ConfigKeyError, ValueError) as e:
+        raise UserError(f"--cfg-options: {e}") from None
 
 
 class _ColourCheck:

@@ -1,5 +1,7 @@
 """Predictor: RGB images in, vessel masks (and probabilities) out, from a config and checkpoint.
 
+    predictor = fastunet.Predictor.pretrained()          # the weights shipped with fastunet
+    predictor = fastunet.Predictor(checkpoint="work_dirs/synthetic/latest.pth")  # its own config
     predictor = fastunet.Predictor("fcn_unet_s5-d16_64x64_40k_drive", "drive.pth")
     labels = predictor.predict(rgb)                      # HxW uint8 class indices
     labels, prob = predictor.predict(rgb, return_probs=True)   # + HxW float32 P(vessel)
@@ -83,8 +85,11 @@ def is_grayscale(rgb):
 class Predictor:
     """Segments RGB images with a fastunet (or mmseg) checkpoint.
 
-    config: a config name (``fastunet.list_configs()``) or dict; checkpoint: a .pth path (None
-    keeps the initial weights, for testing). device: default CUDA if available, else CPU.
+    config: a config name (``fastunet.list_configs()``), file or dict; None (default) takes the
+    checkpoint's own (``fastunet.models.checkpoint.checkpoint_config``: fastunet's checkpoints
+    and mmseg's with their config text carry it). checkpoint: a .pth path (None keeps the initial
+    weights, for testing; then config is needed). :meth:`pretrained` gives the weights that ship
+    with fastunet. device: default CUDA if available, else CPU.
     precision: "auto" (default: bf16 autocast on CPUs with native bf16, AVX512-BF16 or AMX, else
     fp32; see ``fastunet.inference.resolve_precision``), "fp32" (exact reproduction of mmseg's
     numbers), "fp16" or "bf16"; ``self.precision`` says which one runs. mode: "slide" (default:
@@ -92,40 +97,53 @@ class Predictor:
     / stride override the config's slide window. window_batch: windows per forward (default:
     planned, see ``fastunet.inference.planner``). tta: None, "h", "v", "hv" flips. gaussian: Gaussian window weighting.
     fuse: fold BN into the convolutions (eval only; outputs change by float rounding).
-    channels_last: default on (faster convolutions on CPU and with fp16/bf16 on GPU). Other
-    keyword arguments go to ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device,
+    channels_last: default on (faster convolutions on CPU and with fp16/bf16 on GPU).
+    fov_diameter: rescale each photo so that its field of view is this many pixels across, and
+    the results back to the photo's size (``fastunet.inference.fov``: the model then sees
+    vessels of the widths it was trained on); "auto" (default): the training images' diameter
+    when the checkpoint records it (``meta['fov_diameter']``, as the shipped weights do), else
+    no rescaling; None: never. ``self.fov_diameter`` says which applies. Other keyword
+    arguments go to ``InferenceEngine`` (tile_size, margin, cuda_graphs, output_device,
     max_buffer_bytes, ...).
     Large images are normalised and aggregated band by band from the uint8 pixels; CPU memory
     is about image + labels (+ 4 bytes/pixel with return_probs) + max_buffer_bytes (1 GiB) + one
     window batch's activations.
     """
 
-    def __init__(self, config, checkpoint=None, device=None, precision="auto", mode=None, *,
+    def __init__(self, config=None, checkpoint=None, device=None, precision="auto", mode=None, *,
                  crop_size=None, stride=None, window_batch=None, tta=None, gaussian=False,
-                 fuse=True, channels_last=True, **engine_options):
+                 fuse=True, channels_last=True, fov_diameter="auto", **engine_options):
         import fastunet
+        from ..models.checkpoint import checkpoint_config, load_state, read_checkpoint
 
         if precision != "auto" and precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got "
                              f"{precision!r}")
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.config = fastunet.get_config(config) if isinstance(config, str) else config
-        if not isinstance(self.config, dict):
-            raise TypeError(f"config must be a config name or dict, got {type(config).__name__}")
+        if config is None and checkpoint is None:
+            raise ValueError("give a checkpoint (its config is read from it) or a config; "
+                             "Predictor.pretrained() uses the weights shipped with fastunet")
         from ..runtime import resolve_device
 
         self.device = resolve_device(device)  # ValueError for a device this machine lacks
         self.precision = resolve_precision(precision, self.device)
-        if checkpoint is not None:  # before building the model: a wrong path fails fast
+        ckpt = None  # read before building the model: a wrong path fails fast, and it may
+        if checkpoint is not None:  # hold the config
             if os.path.isdir(checkpoint):
                 raise IsADirectoryError(f"checkpoint {os.fspath(checkpoint)!r} is a folder, "
                                         f"not a .pth file")
             if not os.path.isfile(checkpoint):
                 raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint)!r} does not exist")
+            ckpt = read_checkpoint(checkpoint)
+        if config is None:
+            config = checkpoint_config(ckpt, checkpoint)
+        self.config = fastunet.get_config(config) if isinstance(config, str) else config
+        if not isinstance(self.config, dict):
+            raise TypeError(f"config must be a config name or dict, got {type(config).__name__}")
         model = fastunet.build_segmentor(self.config)
-        if checkpoint is not None:
-            fastunet.load_checkpoint(model, checkpoint)
+        meta = {} if ckpt is None else load_state(model, ckpt, checkpoint)
+        self.fov_diameter = _fov_diameter(fov_diameter, meta)
         model.eval()
         if fuse:
             try:
@@ -161,10 +179,22 @@ class Predictor:
                                       channels_last=channels_last, gaussian=gaussian, tta=tta,
                                       **engine_options)
 
+    @classmethod
+    def pretrained(cls, **options):
+        """The weights that ship with fastunet (``fastunet.weights``: trained on synthetic fundus
+        images only; fine-tune on annotated real photos for accuracy), with their config and
+        photos rescaled to their training images' field of view; ``options`` as for the
+        constructor."""
+        from ..weights import pretrained_path
+
+        return cls(checkpoint=pretrained_path(), **options)
+
     def predict(self, image, return_probs=False):
         """HxWx3 uint8 RGB array (or a path) -> HxW uint8 labels (argmax of the logits); with
         return_probs, also the HxW float32 probability of class 1 (vessel). The first grayscale
-        image warns (ImageConversionWarning): the models expect colour photographs."""
+        image warns (ImageConversionWarning): the models expect colour photographs. With
+        ``fov_diameter`` the photo is segmented at that field-of-view scale (a photo without a
+        field of view to measure warns, FovWarning, and is segmented as it is)."""
         if isinstance(image, (str, os.PathLike)):
             from ..data.io import read_image
 
@@ -176,15 +206,49 @@ class Predictor:
             warnings.warn(GRAYSCALE_WARNING + " (warned once)", ImageConversionWarning,
                           stacklevel=2)
             self._warned_grayscale = True
+        scale = self._scale(rgb)
+        if scale is not None and scale != 1.0:
+            return self._predict_rescaled(rgb, scale, return_probs)
         # the uint8 image as (1, 3, H, W); the engine normalises it band by band, so a large
         # image never exists as float (4x the bytes) nor do its logits
         with torch.inference_mode():
-            x = torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(2, 0, 1)[None]
+            x = self._as_input(rgb)
             norm = (self._mean, self._std)
             if not return_probs:
                 return self.engine(x, "labels", normalize=norm)[0].cpu().numpy()
             labels, probs = self.engine(x, ("labels", "probs"), normalize=norm, prob_class=1)
             return labels[0].cpu().numpy(), probs[0].cpu().numpy()
+
+    def _as_input(self, rgb):
+        with warnings.catch_warnings():  # a read-only array (a decoded file's) is never written
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(rgb).to(self.device, non_blocking=True).permute(2, 0, 1)[None]
+
+    def _scale(self, rgb):
+        """The factor that brings the photo's field of view to ``fov_diameter`` (None: no
+        rescaling wanted or no field of view found, which warns)."""
+        if self.fov_diameter is None:
+            return None
+        from .fov import FovWarning, fov_scale
+
+        scale = fov_scale(rgb, self.fov_diameter)
+        if scale is None:
+            warnings.warn(f"no field of view found (a bright disc on a dark border): the image is "
+                          f"segmented at its own scale, not rescaled to a field of view "
+                          f"{self.fov_diameter:.0f} pixels across", FovWarning, stacklevel=3)
+        return scale
+
+    def _predict_rescaled(self, rgb, scale, return_probs):
+        from .fov import resize_image, resize_logits, scaled_size
+
+        height, width = rgb.shape[:2]
+        small = resize_image(rgb, *scaled_size(height, width, scale))
+        with torch.inference_mode():
+            logits = self.engine(self._as_input(small), "logits",
+                                 normalize=(self._mean, self._std))[0]
+            labels, probs = resize_logits(logits, height, width, 1 if return_probs else None)
+            labels = labels.cpu().numpy()
+            return (labels, probs.cpu().numpy()) if return_probs else labels
 
     def predict_many(self, images, return_probs=False):
         """Yield ``predict`` of each path or array, in order; the next file is read from disk
@@ -197,6 +261,20 @@ class Predictor:
                 raise data
             image = decode_image(data, str(item)) if isinstance(data, bytes) else data
             yield self.predict(image, return_probs=return_probs)
+
+
+def _fov_diameter(fov_diameter, meta):
+    """The field-of-view diameter photos are rescaled to (None: no rescaling)."""
+    if fov_diameter == "auto":
+        recorded = meta.get("fov_diameter")
+        return float(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else None
+    if fov_diameter is None:
+        return None
+    if isinstance(fov_diameter, bool) or not isinstance(fov_diameter, (int, float)) or not (
+            16 <= fov_diameter <= 100000):
+        raise ValueError(f"fov_diameter must be 'auto', None or a number of pixels (16 or "
+                         f"more), got {fov_diameter!r}")
+    return float(fov_diameter)
 
 
 def prefetch_files(items, depth=2):

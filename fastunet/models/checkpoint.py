@@ -11,8 +11,18 @@ nothing in it was executed. The rest is read with ``torch.load(weights_only=True
 classes as :class:`OpaqueObject` s that keep their pickled arguments and state but run nothing.
 Weights themselves must be tensors: a state_dict that holds anything else is refused with a
 ValueError.
+
+fastunet writes only tensors and plain Python values (dicts, lists, tuples, strings, numbers,
+None; :func:`save_checkpoint` refuses anything else), so its files also load with plain
+``torch.load(path, weights_only=True)`` in other tools. A checkpoint carries the config it was
+trained with (:func:`checkpoint_config`): fastunet's in ``meta['config']`` as a dict, mmseg's as
+the text of its Python config (``meta['config']`` in 0.x, ``meta['cfg']`` in 1.x), read like an
+mmseg ``.py`` config file, never executed.
 """
+import collections
+import copy
 import os
+import tempfile
 import time
 import warnings
 import zipfile
@@ -23,7 +33,7 @@ import torch.nn as nn
 from .checkpoint_scan import INERT, CheckpointRefused, scan_checkpoint
 
 __all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "extract_state_dict",
-           "OpaqueObject", "UnsafeCheckpointError"]
+           "load_state", "checkpoint_config", "OpaqueObject", "UnsafeCheckpointError"]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -189,7 +199,14 @@ def load_checkpoint(model, path, map_location="cpu", strict=True):
     else a ValueError lists the missing, unexpected and mis-shaped keys. With ``strict=False`` the
     matching tensors load and the rest is reported in a warning.
     """
-    ckpt = read_checkpoint(path, map_location)
+    return load_state(model, read_checkpoint(path, map_location), path, strict)
+
+
+def load_state(model, ckpt, path="checkpoint", strict=True):
+    """:func:`load_checkpoint` of a checkpoint already read (:func:`read_checkpoint`), e.g. to
+    take its config first (:func:`checkpoint_config`); ``path`` names it in messages. Returns
+    its ``meta``. Weights stored in another floating-point type (fp16) are converted to the
+    model's."""
     state = extract_state_dict(ckpt)
     target = _unwrap(model)
     model_state = target.state_dict()
@@ -202,7 +219,7 @@ def load_checkpoint(model, path, map_location="cpu", strict=True):
         if strict:
             raise ValueError(msg + ". Is it for another config (head, base_channels)? Build the "
                              "model from the config it was trained with, or pass strict=False")
-        warnings.warn(msg + "; loaded the matching tensors only", stacklevel=2)
+        warnings.warn(msg + "; loaded the matching tensors only", stacklevel=3)
         bad = set(unexpected) | {s.split(" ", 1)[0] for s in shapes}
         state = {k: v for k, v in state.items() if k not in bad}
     target.load_state_dict(state, strict=strict)
@@ -210,11 +227,90 @@ def load_checkpoint(model, path, map_location="cpu", strict=True):
     return meta if isinstance(meta, dict) else {}
 
 
+# where a config may be stored in a checkpoint's meta: fastunet's dict, mmseg 0.x's and 1.x's text
+_CONFIG_KEYS = ("config", "cfg")
+NO_CONFIG_HINT = "name the config it was trained with (--config NAME or FILE; config= in Python)"
+
+
+def checkpoint_config(ckpt, path="checkpoint"):
+    """The config a checkpoint (as :func:`read_checkpoint` returns it) was trained with, a fresh
+    dict: fastunet's ``meta['config']``, or the config text of an mmseg checkpoint (0.x:
+    ``meta['config']``, 1.x: ``meta['cfg']``) read as an mmseg ``.py`` config (parsed, never
+    executed; named after the checkpoint file). A ValueError of one line when there is none or
+    it cannot be read, saying to name the config."""
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    path = os.fspath(path)
+    found = [(k, meta[k]) for k in _CONFIG_KEYS if isinstance(meta, dict) and k in meta]
+    for key, value in found:
+        if isinstance(value, dict) and isinstance(value.get("model"), dict):
+            cfg = copy.deepcopy(value)
+            cfg.setdefault("name", meta.get("config_name") or _stem(path))
+            return cfg
+        if isinstance(value, str) and "model" in value:
+            return _mmseg_config_text(value, path, key)
+    what = (f"its meta[{found[0][0]!r}] is not a config" if found else
+            "it holds no config (only fastunet's and mmseg's training checkpoints do)")
+    raise ValueError(f"checkpoint {path}: {what}; {NO_CONFIG_HINT}")
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0] or "checkpoint"
+
+
+def _mmseg_config_text(text, path, key):
+    """The config of an mmseg checkpoint's config text (mmengine's ``pretty_text``: one merged
+    Python file), through the mmseg ``.py`` reader, which works on files: the text goes to a
+    temporary file named after the checkpoint, removed at once."""
+    from .config_files import ConfigFileError, load_config_file
+
+    with tempfile.TemporaryDirectory(prefix="fastunet-cfg-") as folder:
+        tmp = os.path.join(folder, _stem(path) + ".py")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        try:
+            return load_config_file(tmp)
+        except ConfigFileError as e:
+            reason = str(e).replace(tmp, f"meta[{key!r}]")
+            raise ValueError(f"checkpoint {path}: its mmseg config text cannot be read without "
+                             f"running it ({reason}); {NO_CONFIG_HINT}") from None
+
+
+# what torch.load(weights_only=True) rebuilds besides tensors and containers (by exact type: a
+# subclass, an IntEnum say, would be pickled by its class)
+_PLAIN_TYPES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device,
+                torch.Size)
+
+
+def _plain(value, where):
+    """``value`` with numpy scalars and arrays as Python numbers and tensors; a TypeError naming
+    ``where`` for anything that ``torch.load(weights_only=True)`` would not read."""
+    if torch.is_tensor(value) or type(value) in _PLAIN_TYPES:
+        return value
+    if isinstance(value, dict):
+        out = {_plain(k, f"{where} key {k!r}"): _plain(v, f"{where}[{k!r}]")
+               for k, v in value.items()}
+        return collections.OrderedDict(out) if isinstance(value, collections.OrderedDict) else out
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return torch.from_numpy(value.copy())
+    raise TypeError(f"cannot save {where}: a {type(value).__module__}.{type(value).__name__} "
+                    f"(checkpoints hold tensors and plain Python values only, so that "
+                    f"torch.load(weights_only=True) reads them)")
+
+
 def save_checkpoint(path, model, meta=None, **extra):
     """Write ``{'meta', 'state_dict', **extra}`` atomically (mmseg's layout; loads in mmseg too).
 
-    ``model`` is a module (a DataParallel/DDP wrapper is unwrapped) or a state_dict. The file is
-    written with :func:`fastunet.atomic.atomic_write` (temporary file beside it, fsync, rename),
+    ``model`` is a module (a DataParallel/DDP wrapper is unwrapped) or a state_dict. ``meta``
+    and ``extra`` may hold tensors and plain Python values (numpy scalars and arrays are stored as
+    numbers and tensors; anything else is a TypeError), so the file loads with plain
+    ``torch.load(weights_only=True)``. The file is written with :func:`fastunet.atomic.atomic_write` (temporary file beside it, fsync, rename),
     so a crash or a full disk never leaves a truncated checkpoint; a full disk raises
     :class:`fastunet.atomic.DiskFullError` naming ``path``.
     """
@@ -227,7 +323,8 @@ def save_checkpoint(path, model, meta=None, **extra):
     meta = dict(meta or {})
     meta.setdefault("fastunet_version", __version__)
     meta.setdefault("time", time.strftime("%Y%m%d_%H%M%S"))
+    ckpt = _plain({"meta": meta, "state_dict": state, **extra}, "checkpoint")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as f:
-        torch.save({"meta": meta, "state_dict": state, **extra}, f)
+        torch.save(ckpt, f)
     return path

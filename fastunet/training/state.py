@@ -8,7 +8,10 @@ A checkpoint is mmseg's layout (``{'meta', 'state_dict', ...}``, loadable by
   ``world_size``, ``total_batch_size``;
 - ``optimizer`` (SGD momentum buffers), ``scaler`` (fp16 GradScaler, when used);
 - ``rng``: per rank, the python, numpy, torch (CPU and CUDA) generator states and the DataLoader
-  generator's.
+  generator's, as tensors and plain Python values (see :func:`rng_state`).
+
+Everything in a checkpoint is a tensor or a plain Python value (dict, list, tuple, str, number,
+None), so other tools read it with plain ``torch.load(path, weights_only=True)``.
 
 The data order needs no state: samples are a function of (seed, epoch, index) and the sampler
 restarts at ``iteration x total batch``. The learning rate is a function of the iteration.
@@ -42,9 +45,17 @@ BEST_PREFIX = "best_vessel_dice_iter_"
 
 
 def rng_state(loader_generator=None):
-    """The global generators' states (python, numpy, torch CPU, torch CUDA) and the loader's."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """The global generators' states (python, numpy, torch CPU, torch CUDA) and the loader's,
+    as tensors and plain values only (``torch.load(weights_only=True)`` reads them): python's
+    ``random.getstate()`` tuple as it is, numpy's MT19937 state as the dict
+    ``np.random.get_state(legacy=False)`` gives with its key as an int64 tensor, torch's as
+    uint8 tensors."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                            "pos": int(numpy_state["state"]["pos"])}
+    numpy_state["has_gauss"] = int(numpy_state["has_gauss"])
+    numpy_state["gauss"] = float(numpy_state["gauss"])
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if loader_generator is not None:
@@ -53,9 +64,10 @@ def rng_state(loader_generator=None):
 
 
 def set_rng_state(state, loader_generator=None):
-    """Restore what :func:`rng_state` captured (CUDA states only when the GPU count matches)."""
+    """Restore what :func:`rng_state` captured (CUDA states only when the GPU count matches).
+    Also takes the states of older checkpoints, which held numpy's legacy state tuple."""
     random.setstate(_as_python_state(state["python"]))
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_as_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -68,6 +80,19 @@ def _as_python_state(state):
     # a checkpoint round trip may turn the inner tuple into a list; random.setstate wants tuples
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+def _as_numpy_state(state):
+    """numpy's state for ``np.random.set_state``: the stored dict with its key back as uint32,
+    or an older checkpoint's legacy tuple ('MT19937', key array, pos, has_gauss, gauss)."""
+    if not isinstance(state, dict):
+        return state
+    key = state["state"]["key"]
+    key = key.numpy() if torch.is_tensor(key) else np.asarray(key)
+    if key.shape != (624,) or key.min() < 0 or key.max() > 0xFFFFFFFF:
+        raise ValueError(f"numpy's MT19937 key has shape {tuple(key.shape)} or values outside "
+                         f"uint32")
+    return dict(state, state={"key": key.astype(np.uint32), "pos": int(state["state"]["pos"])})
 
 
 def save_training_checkpoint(work_dir, model, optimizer, iteration, meta, rng, scaler=None,
