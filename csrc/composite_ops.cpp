@@ -3,11 +3,13 @@
 //
 // tile_aggregate and tile_aggregate_argmax allocate their result and run the device's
 // tile_aggregate_into on it, so each device implements the aggregation once, as the out-variant,
-// and its arguments (out included) are validated in one place (aggregate_args).
+// and its arguments (out included) are validated in one place (aggregate_args). _bias_relu_ is
+// ATen's add_ and relu_ here; CUDA has its own one-pass kernel.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "common/bn_relu_args.h"
 #include "common/tile_args.h"
 
 namespace fastunet {
@@ -55,10 +57,17 @@ at::Tensor tile_aggregate_argmax(const at::Tensor& tiles, int64_t batch, int64_t
                          TileEpilogue::kArgmax);
 }
 
+void bias_relu(const at::Tensor& self, const at::Tensor& bias) {
+  check_bias_relu_args(self, bias);
+  at::Tensor y = self;  // the in-place ops need a non-const handle; same tensor
+  y.add_(bias.reshape({1, bias.size(0), 1, 1})).relu_();
+}
+
 }  // namespace
 }  // namespace fastunet
 
 TORCH_LIBRARY_IMPL(fastunet, CompositeExplicitAutograd, m) {
   m.impl("tile_aggregate", &fastunet::tile_aggregate);
   m.impl("tile_aggregate_argmax", &fastunet::tile_aggregate_argmax);
+  m.impl("_bias_relu_", &fastunet::bias_relu);
 }

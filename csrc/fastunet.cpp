@@ -53,6 +53,10 @@ TORCH_LIBRARY(fastunet, m) {
         "int block=0) -> Tensor");
   // Its weight gradient from the input and the output gradient (weight: shape and layout only).
   m.def("_winograd_conv3x3_grad_weight(Tensor input, Tensor grad, Tensor weight) -> Tensor");
+  // The candidate CUDA epilogue: self = relu(self + bias) in place, for the output of a
+  // convolution run without its bias (self NCHW or channels_last). One vectorised pass on CUDA;
+  // elsewhere ATen's add_ and relu_ (csrc/composite_ops.cpp).
+  m.def("_bias_relu_(Tensor(a!) self, Tensor bias) -> ()");
   m.def("conv_bias_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
