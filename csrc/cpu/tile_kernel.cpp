@@ -299,16 +299,18 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
 }
 
 // Normaliser per pixel for tile_extract(normalize=True): summed weights of the covering windows.
+// The columns' covering windows are found once (a division each), not once per pixel.
 template <typename acc_t>
 std::vector<acc_t> normaliser(const TileGrid& g, const acc_t* weight) {
   std::vector<acc_t> norm(g.height * g.width);
+  std::vector<Span> cols(g.width);
+  for (int64_t x = 0; x < g.width; ++x) g.cover_x(x, &cols[x].first, &cols[x].last);
   at::parallel_for(0, g.height, 16, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       int64_t i0, i1;
       g.cover_y(y, &i0, &i1);
       for (int64_t x = 0; x < g.width; ++x) {
-        int64_t j0, j1;
-        g.cover_x(x, &j0, &j1);
+        const int64_t j0 = cols[x].first, j1 = cols[x].last;
         acc_t s = 0;
         if (i1 >= i0 && j1 >= j0) {
           if (weight == nullptr) {
