@@ -11,7 +11,8 @@ run ends in time; a section that cannot get MIN_SECTION_S is skipped):
   blocks       one conv(-BN)-ReLU layer of every distinct UNet shape, in bf16 and fp16,
                channels-last: conv alone, conv + bias, today's default (conv_bias_relu),
                cuDNN's fused conv-bias-ReLU, the eager conv -> BN -> ReLU, the candidate
-               epilogue (conv, then _bias_relu_) and the ConvBNReLU module
+               epilogue (conv, then _bias_relu_) and the ConvBNReLU module; the stem's
+               convolution also with its 3 input channels zero-padded to 8
   tiles        tile_aggregate (fresh / reused output, softmax, argmax) and tile_extract on the
                DRIVE and HRF grids, against a device copy of the windows (the bandwidth bound)
   training     FCN training step, AMP bf16, batch 4 and 16: eager and fused, each plain and
@@ -99,18 +100,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _capture(fn, calls):
-    """A CUDA graph of `calls` calls of fn (warmed up on a side stream first, as capture needs)."""
+def _capture(body, warm_up, prepare=None):
+    """A CUDA graph of body(): warm_up() runs three times on a side stream first (as capture
+    needs), then prepare() if given, then the capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            fn()
+            warm_up()
     torch.cuda.current_stream().wait_stream(side)
+    if prepare is not None:
+        prepare()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        body()
     return graph
 
 
@@ -149,7 +152,7 @@ def time_call(fn, device, calls, repeats):
     _sync(device)
     if device.type == "cuda":
         try:
-            graph = _capture(fn, calls)
+            graph = _capture(loop, fn)
             graph.replay()
             out["gpu_us"] = 1e3 * _events_ms(graph.replay, repeats, device) / calls
         except Exception as e:  # noqa: BLE001 - capture is best effort; the reason is kept
@@ -185,8 +188,8 @@ def count_kernels(fn, device, warm_up=True):
 
 
 # ------------------------------------------------------------------------------ sections
-class SectionTimeout(Exception):
-    pass
+class SectionTimeout(BaseException):
+    """A section's time limit (not an Exception: the cases' own error handling lets it pass)."""
 
 
 @contextlib.contextmanager
@@ -292,6 +295,10 @@ def _block_variants(x, shape, dtype, device):
     }
     if device.type == "cuda":
         variants["cudnn_relu"] = lambda: torch.cudnn_convolution_relu(x, w, b, *args)
+    if cin == 3 and groups == 1:  # the stem: 3 input channels zero-padded to 8 (same numbers)
+        x8 = F.pad(x, (0, 0, 0, 0, 0, 5)).contiguous(memory_format=cl)
+        w8 = F.pad(w, (0, 0, 0, 0, 0, 5)).contiguous(memory_format=cl)
+        variants["conv_cin8"] = lambda: F.conv2d(x8, w8, None, *args)
     reference = F.relu(F.conv2d(x, w, b, *args))  # what the bias variants must equal
     return variants, reference
 
@@ -334,8 +341,6 @@ def _time_block_variants(ctx, result, precision, shape, count):
                     err = (fn().float() - reference.float()).abs().max().item()
                     case["max_rel_diff"] = err / scale
                 case.update(time_call(fn, device, s.calls, s.repeats))
-            except SectionTimeout:
-                raise
             except Exception as e:  # noqa: BLE001 - one variant may be unsupported
                 case["error"] = f"{type(e).__name__}: {e}"[:300]
             result["cases"].append(case)
@@ -439,8 +444,6 @@ def section_training(ctx, result):
                 try:
                     step = TrainStep(fused, batch, s.train_size, device, s.train_amp)
                     _measure_train(case, step, captured, s.train_steps, device)
-                except SectionTimeout:
-                    raise
                 except Exception as e:  # noqa: BLE001 - e.g. a step that cannot be captured
                     case["error"] = f"{type(e).__name__}: {e}"[:300]
                     case["traceback"] = traceback.format_exc(limit=4)[-1500:]
@@ -462,21 +465,15 @@ def _measure_train(case, step, captured, steps, device):
 
 def _capture_step(step):
     """A CUDA graph of forward, backward and optimizer step (PyTorch's whole-network capture:
-    warm-up on a side stream, gradients set to None so that backward allocates them in the
-    graph's pool and every replay overwrites them)."""
+    warm-up steps on a side stream, then gradients set to None so that backward allocates
+    them in the graph's pool and every replay overwrites them)."""
     step.cache = False  # autocast's cast cache cannot live across a capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    step.opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def body():
         step.forward_backward()
         step.opt.step()
-    return graph
+
+    return _capture(body, step, lambda: step.opt.zero_grad(set_to_none=True))
 
 
 def _inference_model(config, device, fused):
@@ -509,8 +506,6 @@ def section_inference(ctx, result):
                         _measure_engine(case, InferenceEngine(
                             model.encode_decode, mode, crop, stride, precision=precision,
                             channels_last=True), x, config, s.images[name], device)
-                except SectionTimeout:
-                    raise
                 except Exception as e:  # noqa: BLE001
                     case["error"] = f"{type(e).__name__}: {e}"[:300]
                 if device.type == "cuda":

@@ -1,25 +1,14 @@
 """benchmarks/report.py: README.md's summary and docs/performance.md's tables regenerate from the
 committed results; unmeasured figures stay blank; benchmarks/_harness.py's FLOP counter gives the
 model's published FLOP figures."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
+from benchkit import BENCH, ROOT, load
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH,
-                                                                                 f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load("report")
+report = load("report")
 
 
 @pytest.mark.parametrize("path, make", [("README.md", "readme_section"),
@@ -131,7 +120,7 @@ def test_speed_ratio_wording():
 
 
 def test_flop_counter_reproduces_published_figures():
-    harness = _load("_harness")
+    harness = load("_harness")
     fcn = "fcn_unet_s5-d16_64x64_40k_drive"
     assert harness.window_flops(fcn, 64, 64) == pytest.approx(6.32e9, rel=0.01)
     assert harness.window_flops(fcn, 256, 256) == pytest.approx(101e9, rel=0.01)

@@ -130,6 +130,14 @@ def _unaligned(t):
     return out.copy_(t)
 
 
+def _bn_problem(shape, mem, device, seed, dtype=torch.float32):
+    """(x, grad, weight, bias) of a BN(+ReLU) problem: x and grad in the layout `mem`."""
+    torch.manual_seed(seed)
+    x = layout((torch.randn(*shape, device=device) * 2 + 1).to(dtype), mem)
+    g = layout(torch.randn(*shape, device=device).to(dtype), mem)
+    return x, g, torch.rand(shape[1], device=device) + 0.5, torch.randn(shape[1], device=device)
+
+
 # (N, C, H, W): 16-byte vectors in both layouts (C and HW multiples of 8); in NHWC only
 # (C = 24, HW = 25); in neither (odd C and HW)
 PATH_SHAPES = [(4, 16, 8, 8), (2, 24, 5, 5), (3, 5, 3, 7)]
@@ -142,13 +150,9 @@ PATH_SHAPES = [(4, 16, 8, 8), (2, 24, 5, 5), (3, 5, 3, 7)]
 def test_vector_and_scalar_paths_match_reference(device, shape, mem, dtype, aligned):
     """Every BN piece on each access path of the CUDA kernels (vector widths, layouts, a data
     pointer off the 16-byte grid) against the reference on the same input."""
-    torch.manual_seed(21)
-    x = layout((torch.randn(*shape, device=device) * 2 + 1).to(dtype), mem)
-    g = layout(torch.randn(*shape, device=device).to(dtype), mem)
+    x, g, w, b = _bn_problem(shape, mem, device, 21, dtype)
     if not aligned:
         x, g = _unaligned(x), _unaligned(g)
-    w = torch.rand(shape[1], device=device) + 0.5
-    b = torch.randn(shape[1], device=device)
     close = ({} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5))
     out_close = close if dtype != torch.bfloat16 else dict(rtol=1.6e-2, atol=2e-2)
     mean, var = ops.bn_stats(x)
@@ -170,10 +174,7 @@ def test_vector_and_scalar_paths_match_reference(device, shape, mem, dtype, alig
 @pytest.mark.parametrize("mem", ["contiguous", "channels_last"])
 def test_many_channels_keep_their_coefficients(device, mem):
     # more channels than the CUDA elementwise kernels keep in shared memory (a global table)
-    torch.manual_seed(22)
-    x = layout(torch.randn(2, 3000, 2, 3, device=device), mem)
-    g = layout(torch.randn(2, 3000, 2, 3, device=device), mem)
-    w, b = torch.rand(3000, device=device) + 0.5, torch.randn(3000, device=device)
+    x, g, w, b = _bn_problem((2, 3000, 2, 3), mem, device, 22)
     mean, var = ops.bn_stats(x)
     torch.testing.assert_close(ops.bn_relu(x, mean, var, w, b, 1e-5),
                                ref.bn_relu(x, mean, var, w, b, 1e-5))
@@ -185,10 +186,7 @@ def test_many_channels_keep_their_coefficients(device, mem):
 @pytest.mark.parametrize("mem", ["contiguous", "channels_last"])
 def test_reductions_repeat_bit_for_bit(device, mem):
     # many blocks per channel on a GPU: the last block merges the partials in a fixed order
-    torch.manual_seed(23)
-    x = layout(torch.randn(16, 64, 32, 32, device=device), mem)
-    g = layout(torch.randn(16, 64, 32, 32, device=device), mem)
-    w, b = torch.rand(64, device=device) + 0.5, torch.randn(64, device=device)
+    x, g, w, b = _bn_problem((16, 64, 32, 32), mem, device, 23)
     runs = []
     for _ in range(3):
         mean, var = ops.bn_stats(x)

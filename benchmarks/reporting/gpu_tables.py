@@ -6,7 +6,8 @@ from .format import num, speed_ratio, span, table
 
 COMMAND = "`bash benchmarks/run_gpu.sh`"
 # Block variants in the order the tables show them: (key in the JSON, column title)
-VARIANTS = [("conv", "conv alone"), ("conv_bias", "conv + bias"),
+VARIANTS = [("conv", "conv alone"), ("conv_cin8", "conv, input padded to 8 channels"),
+            ("conv_bias", "conv + bias"),
             ("default", "conv_bias_relu (today's default)"),
             ("cudnn_relu", "cuDNN conv-bias-ReLU"), ("epilogue", "conv, then _bias_relu_"),
             ("eager", "eager conv -> BN -> ReLU"), ("module", "ConvBNReLU module")]

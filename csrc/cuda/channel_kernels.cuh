@@ -120,15 +120,28 @@ struct ChannelOf {
 // ---------------------------------------------------------------------------------------------
 // Reductions
 //
-// An Op of lane count L (channels per thread) provides:
-//   acc_t; State (mergeable partial of L channels), Thread (a thread's running sums);
-//   kStageArrays: acc_t arrays of (splits x C) values a State is staged in;
-//   start(c0) -> Thread; add<V>(Thread&, element offset) of V values at that offset (value j
-//   belongs to lane j % L); state(Thread) -> State; identity() -> State;
-//   merge(State&, const State&); store(stage, stride, at, State) and
-//   load(stage, stride, at, values per channel in the split) -> State, with the L channels of
-//   a State at stage[k * stride + at + l] for staging array k (at = split * C + c0);
-//   finish(c0, State, values per channel in all) (writes the op's outputs).
+// What the blocks of a reduction exchange about L channels: two values per channel (StatsOp:
+// mean and M2; GradSumsOp: the two sums) and the count of values they summarise. Staged as two
+// (splits x C) arrays of acc_t; the count of a split follows from its size.
+template <typename acc_t, int L>
+struct Partial {
+  acc_t a[L], b[L];
+  int64_t n;
+
+  // Nothing summarised yet: the identity of both ops' merges.
+  __device__ static Partial empty() {
+    Partial p;
+    p.n = 0;
+    for (int l = 0; l < L; ++l) p.a[l] = p.b[l] = acc_t(0);
+    return p;
+  }
+};
+
+// An Op of lane count L (channels per thread) provides: acc_t; State = Partial<acc_t, L>;
+// Thread (a thread's running sums); start(c0) -> Thread; add<V>(Thread&, element offset) of
+// V values at that offset (value j belongs to lane j % L); state(Thread) -> State;
+// merge(State&, const State&), with State::empty() its identity; finish(c0, State) (writes
+// the outputs).
 
 struct ReduceGeometry {
   int64_t channels;   // C
@@ -181,7 +194,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = int64_t(blockIdx.y) * g.per_split;
   const int64_t end = begin + g.per_split < g.units ? begin + g.per_split : g.units;
 
-  State mine = op.identity();
+  State mine = State::empty();
   if (active) {
     auto t = op.start(c0);
     for (int64_t u = begin + ty; u < end; u += blockDim.y)
@@ -189,14 +202,17 @@ __global__ void __launch_bounds__(kThreads)
     mine = op.state(t);
   }
   merge_rows(op, shared, mine);
-  const int64_t total = g.units * kValuesPerUnit;
   if (gridDim.y == 1) {
-    if (ty == 0 && active) op.finish(c0, shared[tx], total);
+    if (ty == 0 && active) op.finish(c0, shared[tx]);
     return;
   }
   const int64_t stride = int64_t(gridDim.y) * g.channels;  // one staging array
   if (ty == 0 && active) {
-    op.store(stage, stride, int64_t(blockIdx.y) * g.channels + c0, shared[tx]);
+    const int64_t at = int64_t(blockIdx.y) * g.channels + c0;
+    for (int l = 0; l < Op::kLanes; ++l) {
+      stage[at + l] = shared[tx].a[l];
+      stage[stride + at + l] = shared[tx].b[l];
+    }
     __threadfence();  // the partial is visible on the device before the counter moves
   }
   __syncthreads();
@@ -205,17 +221,22 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (!last_block) return;
   __threadfence();
-  State merged = op.identity();
+  State merged = State::empty();
   if (active) {
     for (int64_t s = ty; s < gridDim.y; s += blockDim.y) {
       const int64_t s_begin = s * g.per_split;
       const int64_t s_end = s_begin + g.per_split < g.units ? s_begin + g.per_split : g.units;
-      op.merge(merged, op.load(stage, stride, s * g.channels + c0,
-                               (s_end - s_begin) * kValuesPerUnit));
+      State part;
+      for (int l = 0; l < Op::kLanes; ++l) {  // L2 reads: written by other blocks
+        part.a[l] = __ldcg(stage + s * g.channels + c0 + l);
+        part.b[l] = __ldcg(stage + stride + s * g.channels + c0 + l);
+      }
+      part.n = (s_end - s_begin) * kValuesPerUnit;
+      op.merge(merged, part);
     }
   }
   merge_rows(op, shared, merged);
-  if (ty == 0 && active) op.finish(c0, shared[tx], total);
+  if (ty == 0 && active) op.finish(c0, shared[tx]);
 }
 
 // Launches the reduction of `op` over the tensor of shape s (current stream and device).
@@ -247,8 +268,7 @@ void launch_channel_reduce(Op op, const BnShape& s, const at::TensorOptions& opt
   int* semaphores = nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
   if (splits > 1) {
-    const int64_t stage_bytes =
-        (Op::kStageArrays * splits * s.c * int64_t(sizeof(acc_t)) + 15) / 16 * 16;
+    const int64_t stage_bytes = (2 * splits * s.c * int64_t(sizeof(acc_t)) + 15) / 16 * 16;
     scratch = at::empty({stage_bytes + tiles * int64_t(sizeof(int))},
                         options.dtype(at::kByte));
     stage = reinterpret_cast<acc_t*>(scratch.data_ptr());

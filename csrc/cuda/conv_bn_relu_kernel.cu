@@ -127,12 +127,8 @@ ChannelParams<opmath_t> channel_params(const BnArgs& a, double eps) {
 template <typename scalar_t, typename acc_type, int L>
 struct StatsOp {
   using acc_t = acc_type;
+  using State = Partial<acc_t, L>;  // a: mean, b: M2, n: count
   static constexpr int kLanes = L;
-  static constexpr int kStageArrays = 2;  // mean, M2
-  struct State {
-    acc_t mean[L], m2[L];
-    int64_t n;
-  };
   struct Thread {
     acc_t shift[L], sum[L], sum_sq[L];
     int64_t n;
@@ -141,12 +137,6 @@ struct StatsOp {
   acc_t* mean_out;
   acc_t* var_out;
 
-  __device__ State identity() const {
-    State st;
-    st.n = 0;
-    for (int l = 0; l < L; ++l) st.mean[l] = st.m2[l] = acc_t(0);
-    return st;
-  }
   __device__ Thread start(int64_t) const {
     Thread t;
     t.n = 0;
@@ -169,14 +159,14 @@ struct StatsOp {
     t.n += V / L;
   }
   __device__ State state(const Thread& t) const {
-    State st = identity();
+    State st = State::empty();
     if (t.n == 0) return st;
     st.n = t.n;
     const acc_t n = acc_t(t.n);
     for (int l = 0; l < L; ++l) {
-      st.mean[l] = t.shift[l] + t.sum[l] / n;
+      st.a[l] = t.shift[l] + t.sum[l] / n;
       const acc_t m2 = t.sum_sq[l] - t.sum[l] * t.sum[l] / n;
-      st.m2[l] = m2 > acc_t(0) ? m2 : acc_t(0);
+      st.b[l] = m2 > acc_t(0) ? m2 : acc_t(0);
     }
     return st;
   }
@@ -189,31 +179,16 @@ struct StatsOp {
     const int64_t n = a.n + b.n;
     const acc_t w = acc_t(b.n) / acc_t(n), wa = acc_t(a.n) * w;
     for (int l = 0; l < L; ++l) {
-      const acc_t d = b.mean[l] - a.mean[l];
-      a.mean[l] += d * w;
-      a.m2[l] += b.m2[l] + d * d * wa;
+      const acc_t d = b.a[l] - a.a[l];
+      a.a[l] += d * w;
+      a.b[l] += b.b[l] + d * d * wa;
     }
     a.n = n;
   }
-  __device__ void store(acc_t* stage, int64_t stride, int64_t at, const State& st) const {
+  __device__ void finish(int64_t c0, const State& st) const {
     for (int l = 0; l < L; ++l) {
-      stage[at + l] = st.mean[l];
-      stage[stride + at + l] = st.m2[l];
-    }
-  }
-  __device__ State load(const acc_t* stage, int64_t stride, int64_t at, int64_t n) const {
-    State st;
-    st.n = n;
-    for (int l = 0; l < L; ++l) {
-      st.mean[l] = __ldcg(stage + at + l);
-      st.m2[l] = __ldcg(stage + stride + at + l);
-    }
-    return st;
-  }
-  __device__ void finish(int64_t c0, const State& st, int64_t) const {
-    for (int l = 0; l < L; ++l) {
-      mean_out[c0 + l] = st.mean[l];
-      var_out[c0 + l] = st.m2[l] / acc_t(st.n);
+      mean_out[c0 + l] = st.a[l];
+      var_out[c0 + l] = st.b[l] / acc_t(st.n);
     }
   }
 };
@@ -290,11 +265,8 @@ at::Tensor bn_relu_cuda(const at::Tensor& input, const at::Tensor& mean, const a
 template <typename scalar_t, typename acc_type, int L>
 struct GradSumsOp {
   using acc_t = acc_type;
+  using State = Partial<acc_t, L>;  // a: sum_dy, b: sum_dy * (x - mean); n unused
   static constexpr int kLanes = L;
-  static constexpr int kStageArrays = 2;  // sum_dy, sum_dy_xhat
-  struct State {
-    acc_t a[L], b[L];
-  };
   struct Thread {
     State sums;
     acc_t mean[L], scale[L], beta[L];
@@ -306,14 +278,9 @@ struct GradSumsOp {
   acc_t* sum_dy;
   acc_t* sum_dy_xhat;
 
-  __device__ State identity() const {
-    State st;
-    for (int l = 0; l < L; ++l) st.a[l] = st.b[l] = acc_t(0);
-    return st;
-  }
   __device__ Thread start(int64_t c0) const {
     Thread t;
-    t.sums = identity();
+    t.sums = State::empty();
     for (int l = 0; l < L; ++l) {
       const ChannelAffine<acc_t> f = params(c0 + l);
       t.mean[l] = f.mean;
@@ -341,21 +308,7 @@ struct GradSumsOp {
       a.b[l] += b.b[l];
     }
   }
-  __device__ void store(acc_t* stage, int64_t stride, int64_t at, const State& st) const {
-    for (int l = 0; l < L; ++l) {
-      stage[at + l] = st.a[l];
-      stage[stride + at + l] = st.b[l];
-    }
-  }
-  __device__ State load(const acc_t* stage, int64_t stride, int64_t at, int64_t) const {
-    State st;
-    for (int l = 0; l < L; ++l) {
-      st.a[l] = __ldcg(stage + at + l);
-      st.b[l] = __ldcg(stage + stride + at + l);
-    }
-    return st;
-  }
-  __device__ void finish(int64_t c0, const State& st, int64_t) const {
+  __device__ void finish(int64_t c0, const State& st) const {
     for (int l = 0; l < L; ++l) {
       sum_dy[c0 + l] = st.a[l];
       sum_dy_xhat[c0 + l] = st.b[l] * params(c0 + l).invstd;
