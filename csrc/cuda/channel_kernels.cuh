@@ -283,9 +283,17 @@ void launch_channel_reduce(Op op, const BnShape& s, const at::TensorOptions& opt
 // ---------------------------------------------------------------------------------------------
 // Elementwise maps
 //
-// An Op provides: scalar_t, coeff_t; K coefficients per channel, computed by
-// coefficients(c, coeff_t* k); kInputs (1 or 2) input pointers in[] and the output out (which
-// may be in[0]); value(const coeff_t* k, a, b) -> the output value from the inputs' values.
+// An Op derives from ChannelMap (its types, inputs and output; out may be in[0]) and provides
+// coefficients(c, coeff_t* k) (the K coefficients of channel c) and value(const coeff_t* k,
+// a, b) -> the output value from the inputs' values (b: a's when there is one input).
+template <typename scalar_type, typename opmath_t, int kCoefficients, int kInputCount>
+struct ChannelMap {
+  using scalar_t = scalar_type;
+  using coeff_t = opmath_t;
+  static constexpr int K = kCoefficients, kInputs = kInputCount;
+  const scalar_t* in[kInputCount];
+  scalar_t* out;
+};
 
 template <class Op>
 __global__ void channel_coeff_kernel(Op op, int64_t channels, typename Op::coeff_t* table) {

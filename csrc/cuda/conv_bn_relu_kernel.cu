@@ -218,22 +218,25 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
   return {mean, var};
 }
 
+// Writes channel c's mean, scale and beta to k[0..2] (the first coefficients of both BN maps).
+template <typename opmath_t>
+__device__ __forceinline__ ChannelAffine<opmath_t> affine_coefficients(
+    const ChannelParams<opmath_t>& params, int64_t c, opmath_t* k) {
+  const ChannelAffine<opmath_t> f = params(c);
+  k[0] = f.mean;
+  k[1] = f.scale;
+  k[2] = f.beta;
+  return f;
+}
+
 // y = relu((x - mean) * scale + beta); coefficients mean, scale, beta.
-template <typename scalar_type, typename opmath_t>
-struct BnReluMap {
-  using scalar_t = scalar_type;
-  using coeff_t = opmath_t;
-  static constexpr int K = 3, kInputs = 1;
-  const scalar_t* in[1];
-  scalar_t* out;
+template <typename scalar_t, typename opmath_t>
+struct BnReluMap : ChannelMap<scalar_t, opmath_t, 3, 1> {
   ChannelParams<opmath_t> params;
   bool relu;
 
   __device__ void coefficients(int64_t c, opmath_t* k) const {
-    const ChannelAffine<opmath_t> f = params(c);
-    k[0] = f.mean;
-    k[1] = f.scale;
-    k[2] = f.beta;
+    affine_coefficients(params, c, k);
   }
   __device__ __forceinline__ scalar_t value(const opmath_t* k, scalar_t x, scalar_t) const {
     return scalar_t(apply_relu(affine_pre(opmath_t(x) - k[0], k[1], k[2]), relu));
@@ -252,7 +255,7 @@ at::Tensor bn_relu_cuda(const at::Tensor& input, const at::Tensor& mean, const a
     using opmath_t = at::opmath_type<scalar_t>;
     const bool vector = vectorizable<scalar_t>(a.s, {a.x.data_ptr(), out.data_ptr()});
     dispatch_vector_layout<scalar_t>(a.s, vector, [&](auto v, auto nhwc) {
-      BnReluMap<scalar_t, opmath_t> op{{a.x.data_ptr<scalar_t>()}, out.data_ptr<scalar_t>(),
+      BnReluMap<scalar_t, opmath_t> op{{{a.x.data_ptr<scalar_t>()}, out.data_ptr<scalar_t>()},
                                        channel_params<opmath_t>(a, eps), relu};
       launch_channel_map<decltype(v)::value, decltype(nhwc)::value>(op, a.s, a.x.options());
     });
@@ -347,13 +350,8 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
 
 // dx = (dy_m - sum_dy / M - xhat * sum_dy_xhat / M) * scale; coefficients mean, scale, beta,
 // sum_dy / M and invstd * sum_dy_xhat / M (so xhat is never formed).
-template <typename scalar_type, typename opmath_t>
-struct BnReluBackwardMap {
-  using scalar_t = scalar_type;
-  using coeff_t = opmath_t;
-  static constexpr int K = 5, kInputs = 2;
-  const scalar_t* in[2];  // x, dy
-  scalar_t* out;
+template <typename scalar_t, typename opmath_t>
+struct BnReluBackwardMap : ChannelMap<scalar_t, opmath_t, 5, 2> {  // inputs x, dy
   ChannelParams<opmath_t> params;
   const opmath_t* sum_dy;
   const opmath_t* sum_dy_xhat;
@@ -361,10 +359,7 @@ struct BnReluBackwardMap {
   bool relu;
 
   __device__ void coefficients(int64_t c, opmath_t* k) const {
-    const ChannelAffine<opmath_t> f = params(c);
-    k[0] = f.mean;
-    k[1] = f.scale;
-    k[2] = f.beta;
+    const ChannelAffine<opmath_t> f = affine_coefficients(params, c, k);
     k[3] = sum_dy[c] * inv_count;
     k[4] = sum_dy_xhat[c] * inv_count * f.invstd;
   }
@@ -398,7 +393,7 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_out, const at::Ten
         vectorizable<scalar_t>(a.s, {a.x.data_ptr(), dy.data_ptr(), grad_in.data_ptr()});
     dispatch_vector_layout<scalar_t>(a.s, vector, [&](auto v, auto nhwc) {
       BnReluBackwardMap<scalar_t, opmath_t> op{
-          {a.x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>()}, grad_in.data_ptr<scalar_t>(),
+          {{a.x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>()}, grad_in.data_ptr<scalar_t>()},
           channel_params<opmath_t>(a, eps), s_dy.data_ptr<opmath_t>(), s_dyx.data_ptr<opmath_t>(),
           opmath_t(1) / opmath_t(count), relu};
       launch_channel_map<decltype(v)::value, decltype(nhwc)::value>(op, a.s, a.x.options());
@@ -408,13 +403,8 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_out, const at::Ten
 }
 
 // _bias_relu_: y = relu(y + bias) in place, the epilogue of a convolution run without its bias.
-template <typename scalar_type, typename opmath_t>
-struct BiasReluMap {
-  using scalar_t = scalar_type;
-  using coeff_t = opmath_t;
-  static constexpr int K = 1, kInputs = 1;
-  const scalar_t* in[1];
-  scalar_t* out;
+template <typename scalar_t, typename opmath_t>
+struct BiasReluMap : ChannelMap<scalar_t, opmath_t, 1, 1> {
   const scalar_t* bias;
 
   __device__ void coefficients(int64_t c, opmath_t* k) const { k[0] = opmath_t(bias[c]); }
@@ -436,7 +426,7 @@ void bias_relu_cuda(const at::Tensor& self, const at::Tensor& bias_in) {
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* y = self.data_ptr<scalar_t>();
     dispatch_vector_layout<scalar_t>(s, vectorizable<scalar_t>(s, {y}), [&](auto v, auto nhwc) {
-      BiasReluMap<scalar_t, opmath_t> op{{y}, y, bias.data_ptr<scalar_t>()};
+      BiasReluMap<scalar_t, opmath_t> op{{{y}, y}, bias.data_ptr<scalar_t>()};
       launch_channel_map<decltype(v)::value, decltype(nhwc)::value>(op, s, self.options());
     });
   });
