@@ -52,7 +52,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # the fastunet of this tree
 sys.path.insert(0, HERE)  # _harness
 import fastunet  # noqa: E402
-from fastunet import _native  # noqa: E402
+from fastunet import _native, settings  # noqa: E402
 import _harness  # noqa: E402
 
 SCHEMA = "fastunet-gpu-run/1"
@@ -287,7 +287,7 @@ def _block_variants(x, shape, dtype, device):
     variants = {
         "conv": lambda: F.conv2d(x, w, None, *args),
         "conv_bias": lambda: F.conv2d(x, w, b, *args),
-        "default": lambda: torch.ops.fastunet.conv_bias_relu(x, w, b, *args, True),
+        "fastunet_op": lambda: torch.ops.fastunet.conv_bias_relu(x, w, b, *args, True),
         "eager": lambda: F.relu(F.batch_norm(F.conv2d(x, w, None, *args), bn[0], bn[1], bn[2],
                                              bn[3], False, 0.1, 1e-5)),
         "epilogue": epilogue,
@@ -337,7 +337,7 @@ def _time_block_variants(ctx, result, precision, shape, count):
         for name, fn in variants.items():
             case = {"precision": precision, "shape": list(shape), "variant": name}
             try:
-                if name in ("default", "epilogue", "cudnn_relu"):
+                if name in ("fastunet_op", "epilogue", "cudnn_relu"):
                     err = (fn().float() - reference.float()).abs().max().item()
                     case["max_rel_diff"] = err / scale
                 case.update(time_call(fn, device, s.calls, s.repeats))
@@ -496,20 +496,26 @@ def section_inference(ctx, result):
     for name, config, crop, stride, size in s.datasets:
         model = _inference_model(config, device, fused=True)
         x = torch.randn(1, 3, *size, device=device)
-        for precision in s.precisions:
-            for mode in ("slide", "overlap-tile", "whole"):
-                case = {"dataset": name, "config": config, "mode": mode, "precision": precision,
-                        "height": size[0], "width": size[1]}
-                result["cases"].append(case)
-                try:
-                    with _harness._tf32(False):
-                        _measure_engine(case, InferenceEngine(
-                            model.encode_decode, mode, crop, stride, precision=precision,
-                            channels_last=True), x, config, s.images[name], device)
-                except Exception as e:  # noqa: BLE001
-                    case["error"] = f"{type(e).__name__}: {e}"[:300]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        # "default": what fuse() runs on this device (on CUDA: ATen's convolution of the folded
+        # weights); "fastunet": fastunet's conv_bias_relu kernels forced on, slide only, so the
+        # next default can follow the faster of the two
+        runs = [(p, m, "default") for p in s.precisions
+                for m in ("slide", "overlap-tile", "whole")]
+        runs += [(p, "slide", "fastunet") for p in s.precisions]
+        for precision, mode, kernels in runs:
+            case = {"dataset": name, "config": config, "mode": mode, "precision": precision,
+                    "kernels": kernels, "height": size[0], "width": size[1]}
+            result["cases"].append(case)
+            try:
+                with _harness._tf32(False), settings.override(
+                        fused=True if kernels == "fastunet" else settings.current().fused):
+                    _measure_engine(case, InferenceEngine(
+                        model.encode_decode, mode, crop, stride, precision=precision,
+                        channels_last=True), x, config, s.images[name], device)
+            except Exception as e:  # noqa: BLE001
+                case["error"] = f"{type(e).__name__}: {e}"[:300]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if name == "drive":
             result["reference"] = _measure_reference(config, crop, stride, x, device)
         del model
@@ -523,21 +529,23 @@ def _measure_engine(case, engine, x, config, images, device):
         engine(x)
         engine(x)
         ms = _events_ms(lambda: [engine(x) for _ in range(images)], 1, device)
-    schedule = getattr(engine, "last_schedule", None) or {}
+    schedule = getattr(engine, "last_schedule", None)
     plan = engine.plan(*x.shape[2:])
     case.update(images_per_s=1e3 * images / ms,
                 peak_memory_GiB=None if mem.bytes is None else mem.bytes / 2**30,
-                window_batch=schedule.get("window_batch"),
+                window_batch=getattr(schedule, "window_batch", None),
                 gflop=_harness.plan_flops(config, plan) / 1e9,
                 windows_per_image=plan.windows_per_image)
 
 
 def _measure_reference(config, crop, stride, x, device):
     """mmseg's slide loop (one window per forward, unfused modules, fp32, TF32 off)."""
+    from fastunet.ops.tile_reference import slide_inference
+
     model = _inference_model(config, device, fused=False)
     with torch.no_grad(), _harness._tf32(False):
-        model.slide_inference_reference(x, crop, stride)
-        ms = _events_ms(lambda: model.slide_inference_reference(x, crop, stride), 1, device)
+        slide_inference(model.encode_decode, x, crop, stride)
+        ms = _events_ms(lambda: slide_inference(model.encode_decode, x, crop, stride), 1, device)
     return {"dataset": "drive", "mode": "slide", "precision": "fp32", "images_per_s": 1e3 / ms,
             "modules": "unfused", "windows": "one per forward"}
 

@@ -44,7 +44,7 @@ def test_dry_run_blocks_time_every_variant(dry_run):
     blocks = dry_run[1]["sections"]["blocks"]["result"]
     cases = blocks["cases"]
     variants = {c["variant"] for c in cases}
-    assert variants == {"conv", "conv_cin8", "conv_bias", "default", "eager", "epilogue",
+    assert variants == {"conv", "conv_cin8", "conv_bias", "fastunet_op", "eager", "epilogue",
                         "module"}
     assert len(cases) == (len(variants) - 1) * len(blocks["shapes"]) + 1  # cin8: the stem
     for case in cases:
@@ -73,9 +73,11 @@ def test_dry_run_training_inference_tiles(dry_run):
         assert c["step_ms"] > 0 and c["ops"] > 0 and "error" not in c, c
     assert all(c["skipped"] for c in train if c["captured"])  # CUDA graphs: GPU only
     cases = sections["inference"]["result"]["cases"]
-    assert {(c["dataset"], c["mode"], c["precision"]) for c in cases} == {
-        (d, m, p) for d in ("drive", "hrf") for m in ("slide", "overlap-tile", "whole")
-        for p in gpu_run.Sizes(dry=True).precisions}
+    precisions = gpu_run.Sizes(dry=True).precisions
+    assert {(c["dataset"], c["mode"], c["precision"], c["kernels"]) for c in cases} == {
+        (d, m, p, "default") for d in ("drive", "hrf") for m in ("slide", "overlap-tile", "whole")
+        for p in precisions} | {(d, "slide", p, "fastunet") for d in ("drive", "hrf")
+                                for p in precisions}
     assert all(c["images_per_s"] > 0 and c["gflop"] > 0 for c in cases), cases
     assert sections["inference"]["result"]["reference"]["images_per_s"] > 0
     for case in sections["tiles"]["result"]["cases"]:

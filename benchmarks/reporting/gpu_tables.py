@@ -8,10 +8,10 @@ COMMAND = "`bash benchmarks/run_gpu.sh`"
 # Block variants in the order the tables show them: (key in the JSON, column title)
 VARIANTS = [("conv", "conv alone"), ("conv_cin8", "conv, input padded to 8 channels"),
             ("conv_bias", "conv + bias"),
-            ("default", "conv_bias_relu (today's default)"),
+            ("fastunet_op", "fastunet's conv_bias_relu op"),
             ("cudnn_relu", "cuDNN conv-bias-ReLU"), ("epilogue", "conv, then _bias_relu_"),
             ("eager", "eager conv -> BN -> ReLU"), ("module", "ConvBNReLU module")]
-FUSED_CANDIDATES = ("default", "cudnn_relu", "epilogue", "module")
+FUSED_CANDIDATES = ("fastunet_op", "cudnn_relu", "epilogue", "module")
 
 
 def _gpu_us(case):
@@ -204,6 +204,18 @@ def gpu_ratio_rows(run):
                         if case.get("kernels") else "")
                      + (f"; activation peak {num(mem[0] / mem[1])}x ({num(mem[0])} vs "
                         f"{num(mem[1])} MiB)" if all(mem) else ""), COMMAND))
+    inference = [c for c in run.section("inference").get("cases", []) if "images_per_s" in c]
+    for case in inference:
+        if case.get("kernels") != "fastunet":
+            continue
+        plain = next((c for c in inference if c.get("kernels", "default") == "default" and all(
+            c[k] == case[k] for k in ("dataset", "mode", "precision"))), None)
+        if plain:
+            rows.append((f"Inference engine with fastunet's conv kernels vs the device default, "
+                         f"{case['dataset'].upper()} {case['mode']} {case['precision']}",
+                         speed_ratio(case["images_per_s"] / plain["images_per_s"]),
+                         f"{num(case['images_per_s'])} vs {num(plain['images_per_s'])} img/s",
+                         COMMAND))
     for case in run.section("tiles").get("cases", []):
         timing = case.get("aggregate_out") or {}
         if _gpu_us(timing) and case.get("bound_us"):

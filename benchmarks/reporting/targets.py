@@ -113,7 +113,7 @@ def _gpu_targets(run, figs, name, add):
     ratios = block_ratios(run, "bf16", "module")
     if ratios:
         best = {k: _geomean(block_ratios(run, "bf16", k))
-                for k in ("default", "cudnn_relu", "epilogue") if block_ratios(run, "bf16", k)}
+                for k in ("fastunet_op", "cudnn_relu", "epilogue") if block_ratios(run, "bf16", k)}
         add(f"ConvBNReLU inference block (bf16, channels-last) within "
             f"{TARGET_BLOCK_VS_CONV:g}x the convolution alone (GPU time, geometric mean over "
             "the UNet's shapes)", name, f"{num(_geomean(ratios))}x (worst shape "

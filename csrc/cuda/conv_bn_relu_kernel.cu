@@ -21,12 +21,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <limits>
-#include <string>
 
 #include "common/bn_relu.h"
 #include "common/bn_relu_args.h"
+#include "common/switches.h"
 #include "common/conv_bias_relu.h"
 #include "cuda/channel_kernels.cuh"
 
@@ -36,13 +35,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // conv_bias_relu
 
-bool cudnn_fused_conv_requested() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTUNET_CUDNN_FUSED_CONV");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return on;
-}
+// FASTUNET_CUDNN_FUSED_CONV, as fastunet/settings.py read it (common/switches.h)
+bool cudnn_fused_conv_requested() { return switches().cudnn_fused_conv.load(); }
 
 bool cudnn_fusable(const at::Tensor& input, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias) {

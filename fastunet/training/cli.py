@@ -1,6 +1,7 @@
 """Command-line plumbing shared by ``fastunet.train`` and ``fastunet.test``: configs, errors."""
 import math
 import os
+import sys
 
 from .._cli import fail  # noqa: F401  (train and test import the one error printer from here)
 from ..models.config_files import ConfigFileError
