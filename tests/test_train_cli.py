@@ -112,6 +112,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     (["--cfg-options", "train.lrr=0.1"], "did you mean 'train.lr'"),
     (["--cfg-options", "train.lr"], "key.subkey=value"),
     (["--batch-size", "0"], "batch size"),
+    (["--cfg-options", "data.label_resize=nearest"], "'data.label_resize' must be 'centre' or"),
     (["--resume"], "--resume: no checkpoint"),
     (["--load-from", "/nonexistent.pth"], "not found"),
 ])

@@ -88,6 +88,9 @@ def _data(dataset, data_root, img_scale, image_size, crop, num_train, num_val):
             "crop_size": (crop, crop), "ratio_range": (0.5, 2.0), "cat_max_ratio": 0.75,
             "flip_prob": 0.5, "photometric_distortion": True,
             "mean": MEAN, "std": STD, "pad_val": 0, "seg_pad_val": 255, "ignore_index": 255,
+            # labels resized on the image's pixel grid; 'mmseg' = mmseg's pipeline bit for bit,
+            # including its half-pixel label offset (fastunet.data.transforms)
+            "label_resize": "centre",
             "num_train": num_train, "num_val": num_val}
 
 

@@ -2,6 +2,7 @@
 import os
 import sys
 
+from ..data.transforms import LABEL_RESIZE
 from ..models.configs import ConfigKeyError, apply_overrides, get_config
 
 __all__ = ["UserError", "load_config", "fail", "default_work_dir", "validate_training_config",
@@ -73,6 +74,7 @@ _DATA_CHECKS = {
              and all(_number(x) for x in v), "three numbers"),
     "std": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3
             and all(_number(x) and x > 0 for x in v), "three positive numbers"),
+    "label_resize": (lambda v: v in LABEL_RESIZE, " or ".join(map(repr, LABEL_RESIZE))),
 }
 
 

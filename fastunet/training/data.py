@@ -81,7 +81,8 @@ def build_split(data_cfg, split, data_root=None):
 
 
 def train_transform(data_cfg):
-    """mmseg's training pipeline with the config's crop, scale and augmentation settings."""
+    """mmseg's training pipeline with the config's crop, scale, augmentation and label resize
+    settings (ValueError for a label_resize it does not know)."""
     return TrainTransform(
         crop_size=tuple(data_cfg["crop_size"]), img_scale=tuple(data_cfg["img_scale"]),
         ratio_range=tuple(data_cfg.get("ratio_range", (0.5, 2.0))),
@@ -90,7 +91,8 @@ def train_transform(data_cfg):
         photometric=data_cfg.get("photometric_distortion", True),
         ignore_index=data_cfg.get("ignore_index", 255),
         mean=tuple(data_cfg.get("mean", (123.675, 116.28, 103.53))),
-        std=tuple(data_cfg.get("std", (58.395, 57.12, 57.375))))
+        std=tuple(data_cfg.get("std", (58.395, 57.12, 57.375))),
+        label_resize=data_cfg.get("label_resize", "centre"))
 
 
 def _seed_worker(worker_id):
