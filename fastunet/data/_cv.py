@@ -52,13 +52,15 @@ def nearest_index(src, dst, centre=False):
     return np.minimum(idx, src - 1)
 
 
-def linear_coeffs(src, dst):
-    """cv2 INTER_LINEAR map for one axis: (index0, index1, weight0, weight1) as int arrays.
+def linear_coeffs(src, dst, lo=0, hi=None):
+    """cv2 INTER_LINEAR map for one axis: (index0, index1, weight0, weight1) as int arrays, for
+    output indices lo..hi-1 (default all dst).
 
     Weights are 11-bit fixed point (sum 2048); borders clamp as resizeGeneric_ does.
     """
     scale = 1.0 / (dst / src)
-    f = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    x = np.arange(lo, dst if hi is None else hi, dtype=np.float64)
+    f = ((x + 0.5) * scale - 0.5).astype(np.float32)
     s = np.floor(f).astype(np.int64)
     f = (f - s.astype(np.float32)).astype(np.float32)
     low = s < 0
@@ -86,13 +88,13 @@ def resize_linear_window(img, new_w, new_h, y0, y1, x0, x1):
         s = block[0::2, 0::2] + block[0::2, 1::2] + block[1::2, 0::2] + block[1::2, 1::2]
         out = ((s + 2) >> 2).astype(np.uint8)
         return out if img.ndim == 3 else out[..., 0]
-    ys0, ys1, b0, b1 = (a[y0:y1] for a in linear_coeffs(h, new_h))
-    xs0, xs1, a0, a1 = (a[x0:x1] for a in linear_coeffs(w, new_w))
+    ys0, ys1, b0, b1 = linear_coeffs(h, new_h, y0, y1)
+    xs0, xs1, a0, a1 = linear_coeffs(w, new_w, x0, x1)
     # horizontal pass (exact integers) on the source rows the window needs
     rows = np.unique(np.concatenate([ys0, ys1]))
-    sub = src[rows].astype(np.int32)
-    hor = sub[:, xs0] * a0[None, :, None].astype(np.int32) + \
-        sub[:, xs1] * a1[None, :, None].astype(np.int32)
+    sub = src[rows]
+    hor = sub[:, xs0].astype(np.int32) * a0[None, :, None].astype(np.int32) + \
+        sub[:, xs1].astype(np.int32) * a1[None, :, None].astype(np.int32)
     S0 = hor[np.searchsorted(rows, ys0)]
     S1 = hor[np.searchsorted(rows, ys1)]
     # vertical pass with the rounding of OpenCV's vectorised loop (VResizeLinearVec_32s8u):

@@ -118,13 +118,21 @@ class TrainTransform:
                              f"got {label_resize!r}")
         self.label_resize = label_resize
 
-    def _label_window(self, label, new_w, new_h, box):
-        y0, y1, x0, x1 = box
-        return _cv.resize_nearest_window(label, new_w, new_h, y0, min(y1, new_h), x0,
-                                         min(x1, new_w), centre=self.label_resize == "centre")
+    def _nearest_maps(self, label, new_w, new_h):
+        """Source row and column of every pixel of the label resized to (new_w, new_h)."""
+        h, w = label.shape
+        centre = self.label_resize == "centre"
+        return _cv.nearest_index(h, new_h, centre), _cv.nearest_index(w, new_w, centre)
 
-    def _crop_box(self, label, new_w, new_h, rng):
+    @staticmethod
+    def _label_window(label, maps, box):
+        rows, cols = maps
+        y0, y1, x0, x1 = box
+        return label[rows[y0:y1, None], cols[None, x0:x1]]
+
+    def _crop_box(self, label, new_w, new_h, rng, maps=None):
         ch, cw = self.crop_size
+        maps = maps or self._nearest_maps(label, new_w, new_h)
 
         def draw():
             oy = rng.integers(0, max(new_h - ch, 0) + 1)
@@ -134,7 +142,7 @@ class TrainTransform:
         box = draw()
         if self.cat_max_ratio < 1.0:
             for _ in range(10):
-                seg = self._label_window(label, new_w, new_h, box)
+                seg = self._label_window(label, maps, box)
                 counts = np.bincount(seg.ravel(), minlength=256)
                 if self.ignore_index is not None and self.ignore_index < len(counts):
                     counts[self.ignore_index] = 0
@@ -157,10 +165,11 @@ class TrainTransform:
         ratio = rng.random() * (hi - lo) + lo
         scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
         new_w, new_h, _ = _cv.rescale_size(w, h, scale)
-        box = self._crop_box(label, new_w, new_h, rng)
+        maps = self._nearest_maps(label, new_w, new_h)
+        box = self._crop_box(label, new_w, new_h, rng, maps)
         y0, y1, x0, x1 = box[0], min(box[1], new_h), box[2], min(box[3], new_w)
         im = _cv.resize_linear_window(img, new_w, new_h, y0, y1, x0, x1)
-        seg = self._label_window(label, new_w, new_h, box)
+        seg = self._label_window(label, maps, box)
         if rng.random() < self.flip_prob:
             im, seg = im[:, ::-1], seg[:, ::-1]
         im = np.ascontiguousarray(im)
