@@ -93,7 +93,7 @@ class GraphedUpdate(Update):
         self.warmup = int(warmup)
         self.calls = 0
         self.graph = None
-        self._images = self._labels = self._out = None
+        self._images = self._labels = self._out = self._stream = None
 
     def __call__(self, images, labels):
         self.calls += 1
@@ -117,8 +117,11 @@ class GraphedUpdate(Update):
         self._out.copy_(self._update(self._images, self._labels, cache_casts=False))
 
     def _side_stream(self):
-        on_cuda = next(self.step.parameters()).is_cuda
-        return _side_stream() if on_cuda else contextlib.nullcontext()
+        if not next(self.step.parameters()).is_cuda:
+            return contextlib.nullcontext()
+        if self._stream is None:  # one stream for all warm-ups: its memory pool is reused
+            self._stream = torch.cuda.Stream()
+        return _side_stream(self._stream)
 
     def _capture(self, body):
         """A CUDA graph of ``body()`` (its kernels are recorded on a capture stream, not run)."""
@@ -129,10 +132,9 @@ class GraphedUpdate(Update):
 
 
 @contextlib.contextmanager
-def _side_stream():
-    """Run the block on a fresh CUDA stream ordered after the current one (and before what
-    follows): eager warm-up before a capture must not run on the default stream."""
-    side = torch.cuda.Stream()
+def _side_stream(side):
+    """Run the block on CUDA stream ``side``, ordered after the current stream's work and
+    before what follows: eager warm-up before a capture must not run on the default stream."""
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         yield
