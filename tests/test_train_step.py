@@ -40,35 +40,38 @@ class NoHostSync(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _model(width=4, dice=False, fused=False):
+def _model(width=4, dice=False, fused=False, device="cpu", options=()):
     cfg = apply_overrides(fastunet.get_config(
         "fcn_unet_s5-d16_ce-1.0-dice-3.0_64x64_40k_drive" if dice else "synthetic"),
-        tiny_model(width))
+        [*tiny_model(width), *options])
     torch.manual_seed(0)
-    model = fastunet.build_segmentor(cfg).train().to(memory_format=torch.channels_last)
+    model = fastunet.build_segmentor(cfg).train().to(device)
+    model.to(memory_format=torch.channels_last)
     set_fused(model, None if fused else False)
     return cfg, model
 
 
-def _batch(seed, n=2, size=32):
+def _batch(seed, n=2, size=32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(n, size, size, generator=g) < 0.2).long()
     y[:, :3] = 255  # ignored pixels, as padding makes them
-    return x, y
+    return x.to(device), y.to(device)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("capturable", [False, True], ids=["foreach_sgd", "fused_sgd"])
 @pytest.mark.parametrize("dice", [False, True], ids=["ce", "ce_dice"])
-def test_an_update_never_waits_for_the_device(fused, capturable, dice):
-    cfg, model = _model(fused=fused, dice=dice)
+def test_an_update_never_waits_for_the_device(fused, capturable, dice, device):
+    cfg, model = _model(fused=fused, dice=dice, device=device)
     opt = build_optimizer(model, cfg["train"], capturable=capturable)
-    update = Update(TrainStep(model), opt)
-    update(*_batch(0))  # first step: momentum buffers
+    amp = torch.bfloat16 if device == "cuda" else None
+    update = Update(TrainStep(model), opt, amp_dtype=amp)
+    update(*_batch(0, device=device))  # first step: momentum buffers
+    batch = _batch(1, device=device)
     PolyLR(opt, 10, 0.01).step(1)  # the schedule between updates: no sync either
     with NoHostSync():
-        losses = update(*_batch(1))
+        losses = update(*batch)
     assert losses.shape == (len(update.names),) and torch.isfinite(losses).all()
 
 
@@ -110,6 +113,34 @@ def test_graphed_update_replays_the_eager_update():
     assert all(torch.equal(x, y) for x, y in zip(la, lb))
     with pytest.raises(ValueError, match="warm-up"):
         GraphedUpdate(None, None, warmup=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_the_eager_update_bit_for_bit():
+    # a real CUDA graph: deterministic kernels, fp32, no dropout (its masks come from the
+    # generator's offsets, which a graph advances by the whole step at once)
+    from fastunet.training import determinism
+
+    undo = determinism.enable(torch.device("cuda"))
+    try:
+        runs = []
+        for kind in (Update, GraphedUpdate):
+            cfg, model = _model(width=8, device="cuda", options=[
+                "model.decode_head.dropout_ratio=0", "model.auxiliary_head.dropout_ratio=0"])
+            opt = build_optimizer(model, cfg["train"], capturable=True)
+            schedule = PolyLR(opt, 8, 0.05)
+            update = kind(TrainStep(model), opt)
+            seen = []
+            for it in range(8):
+                schedule.step(it)
+                seen.append(update(*_batch(it, device="cuda")).clone())
+            torch.cuda.synchronize()
+            runs.append((model.state_dict(), seen))
+    finally:
+        undo()
+    (a, la), (b, lb) = runs
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(la, lb))
 
 
 def test_captured_optimizer_takes_the_schedule_in_place_and_resumes_either_way():
