@@ -93,24 +93,31 @@ class StandInGraph(GraphedUpdate):
         return types.SimpleNamespace(replay=body)
 
 
+def _eight_updates(kind, device="cpu", width=4, options=()):
+    """Eight updates of ``kind`` (Update or a GraphedUpdate) on fixed batches, with a captured
+    optimizer and the schedule; returns (weights, loss vectors, the update)."""
+    cfg, model = _model(width=width, device=device, options=options)
+    opt = build_optimizer(model, cfg["train"], capturable=True)
+    schedule = PolyLR(opt, 8, 0.05)
+    update = kind(TrainStep(model), opt)
+    seen = []
+    for it in range(8):
+        schedule.step(it)
+        seen.append(update(*_batch(it, device=device)).clone())
+    return model.state_dict(), seen, update
+
+
+def _assert_same_run(a, b):
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
 def test_graphed_update_replays_the_eager_update():
     # the same batches and learning rates through the eager update and the graphed one (3 eager
     # warm-ups, one capture, replays reading the copied batches): the same weights, bit for bit
-    runs = []
-    for kind in (Update, StandInGraph):
-        cfg, model = _model()
-        opt = build_optimizer(model, cfg["train"], capturable=True)
-        schedule = PolyLR(opt, 8, 0.05)
-        update = kind(TrainStep(model), opt)
-        seen = []
-        for it in range(8):
-            schedule.step(it)
-            seen.append(update(*_batch(it)).clone())
-        runs.append((model.state_dict(), seen, update))
-    (a, la, _), (b, lb, graphed) = runs
-    assert graphed.captures == 1 and graphed.calls == 8
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(la, lb))
+    eager, graphed = _eight_updates(Update), _eight_updates(StandInGraph)
+    assert graphed[2].captures == 1 and graphed[2].calls == 8
+    _assert_same_run(eager, graphed)
     with pytest.raises(ValueError, match="warm-up"):
         GraphedUpdate(None, None, warmup=0)
 
@@ -121,26 +128,14 @@ def test_cuda_graph_replays_the_eager_update_bit_for_bit():
     # generator's offsets, which a graph advances by the whole step at once)
     from fastunet.training import determinism
 
+    no_dropout = ["model.decode_head.dropout_ratio=0", "model.auxiliary_head.dropout_ratio=0"]
     undo = determinism.enable(torch.device("cuda"))
     try:
-        runs = []
-        for kind in (Update, GraphedUpdate):
-            cfg, model = _model(width=8, device="cuda", options=[
-                "model.decode_head.dropout_ratio=0", "model.auxiliary_head.dropout_ratio=0"])
-            opt = build_optimizer(model, cfg["train"], capturable=True)
-            schedule = PolyLR(opt, 8, 0.05)
-            update = kind(TrainStep(model), opt)
-            seen = []
-            for it in range(8):
-                schedule.step(it)
-                seen.append(update(*_batch(it, device="cuda")).clone())
-            torch.cuda.synchronize()
-            runs.append((model.state_dict(), seen))
+        runs = [_eight_updates(kind, "cuda", 8, no_dropout) for kind in (Update, GraphedUpdate)]
+        torch.cuda.synchronize()
     finally:
         undo()
-    (a, la), (b, lb) = runs
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(la, lb))
+    _assert_same_run(*runs)
 
 
 def test_captured_optimizer_takes_the_schedule_in_place_and_resumes_either_way():
