@@ -1,6 +1,6 @@
 """The training pipeline of mmseg's retinal-vessel configs, and the test-time transform.
 
-Per sample (SPEC §1, mmseg 1.x ``train_pipeline`` + ``SegDataPreProcessor``):
+Per sample (mmseg 1.x's ``train_pipeline`` + ``SegDataPreProcessor`` of the retinal configs):
 
 1. ``RandomResize(scale=img_scale, ratio_range=(0.5, 2.0), keep_ratio=True)``: r ~ U(0.5, 2),
    target (int(s0·r), int(s1·r)); the image is rescaled by mmcv's ``rescale_size`` factor
@@ -188,7 +188,8 @@ class TrainTransform:
 
 
 class TestTransform:
-    """Test-time transform: normalise only (the test resize is the identity, SPEC §1)."""
+    """Test-time transform: normalise only (the configs' test resize leaves each dataset's images
+    at their own size)."""
 
     def __init__(self, mean=MEAN, std=STD):
         self.mean, self.std = mean, std

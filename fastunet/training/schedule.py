@@ -1,6 +1,6 @@
-"""The published optimiser and learning-rate schedule: SGD on all parameters, poly decay per iteration.
+"""The published optimiser and learning-rate schedule: SGD on all parameters, poly decay.
 
-mmseg's recipe for every UNet-S5-D16 config (SPEC §1)::
+mmseg's recipe for every UNet-S5-D16 config (its ``schedule_40k``)::
 
     SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)        # all parameters, BN and biases included
     lr(it) = (0.01 - 1e-4) * (1 - it / 40000) ** 0.9 + 1e-4   for it = 0 .. 39999
