@@ -1,7 +1,9 @@
-"""Tile aggregation: the native op vs mmseg's pad-and-add loop and vs the memory-bandwidth bound,
-measured in the same run (ratios in extra_info; printed with -s).
+"""Tile aggregation on the CPU: the native op vs mmseg's pad-and-add loop and vs the
+memory-bandwidth bound, measured in the same run (ratios in extra_info; printed with -s).
 
     pytest benchmarks/bench_tile.py --benchmark-only -s
+
+(On a GPU, benchmarks/gpu_run.py's tiles section times the same cases in GPU time.)
 
 Bound: the op must read every window element once and write the output once. The machine's
 bandwidth is measured with a ``copy_`` of the window tensor into a preallocated buffer (reads and
@@ -15,17 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastunet import _native, ops
+from fastunet import ops
 from fastunet.ops import tile_reference as ref
 # benchmarks/ is on sys.path under pytest
 from _harness import best_of, interleaved_best  # noqa: E402
 
 # (name, H, W, window, stride): DRIVE and HRF grids of SPEC §1 with 2-class logits
 CASES = [("drive", 584, 565, 64, 42), ("hrf", 2336, 3504, 256, 170)]
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available()
-                                              and _native.has_cuda_kernels()),
-                                         reason="needs a CUDA GPU and fastunet's CUDA kernels")])]
+DEVICES = [pytest.param("cpu", id="cpu")]
 
 
 def pad_and_add(tiles, height, width, stride):
@@ -50,8 +49,7 @@ def test_tile_aggregate(benchmark, device, name, H, W, win, stride):
     run = lambda: ops.tile_aggregate(tiles, 1, H, W, stride)
     out = run()
     torch.testing.assert_close(out, pad_and_add(tiles, H, W, stride), rtol=1e-5, atol=1e-6)
-    sync_run = (lambda: (run(), torch.cuda.synchronize())) if device == "cuda" else run
-    benchmark.pedantic(sync_run, rounds=7, warmup_rounds=2)
+    benchmark.pedantic(run, rounds=7, warmup_rounds=2)
     t_op = benchmark.stats.stats.min
     buf, reused = torch.empty_like(tiles), torch.empty_like(out)
     ops.tile_aggregate(tiles, 1, H, W, stride, out=reused)

@@ -12,7 +12,7 @@
 #endif
 
 TORCH_LIBRARY(fastunet, m) {
-  // Sliding-window tiles. Window grid: SPEC §1 (see csrc/common/tile_grid.h).
+  // Sliding-window tiles. Window grid: csrc/common/tile_grid.h.
   // tile_aggregate: (batch*gh*gw, C, th, tw) windows -> (batch, C, height, width); each pixel is
   // the weighted sum of the windows covering it, divided by the summed weights if `normalize`
   // (uniform weights: the plain average of the reference). Uncovered pixels are 0. `softmax`
@@ -23,23 +23,24 @@ TORCH_LIBRARY(fastunet, m) {
   // (batch, height, width); the first one on ties, like torch.argmax. Not differentiable.
   m.def("tile_aggregate_argmax(Tensor tiles, int batch, int height, int width, int stride_h, "
         "int stride_w, Tensor? weight=None) -> Tensor");
-  // The same two written into a caller's `out` (exactly the shape, dtype and device the
-  // allocating form returns, contiguous), so that a loop over same-size images can reuse one
-  // buffer: a fresh multi-megabyte CPU output costs its page faults (first touch) on every
-  // call, as much as the aggregation itself. Not differentiable.
+  // The out-variant behind both (the allocating forms above are this op on a fresh output;
+  // csrc/composite_ops.cpp): epilogue "none", "softmax" or "argmax", written into a caller's
+  // `out` (exactly the shape, dtype and device the allocating form returns, contiguous), so
+  // that a loop over same-size images can reuse one buffer: a fresh multi-megabyte CPU output
+  // costs its page faults (first touch) on every call, as much as the aggregation itself. Not
+  // differentiable. Each device implements this op and tile_extract; nothing else.
   m.def("tile_aggregate_into(Tensor tiles, int batch, int height, int width, int stride_h, "
-        "int stride_w, Tensor? weight=None, bool normalize=True, bool softmax=False, *, "
+        "int stride_w, Tensor? weight=None, bool normalize=True, str epilogue=\"none\", *, "
         "Tensor(a!) out) -> ()");
-  m.def("tile_aggregate_argmax_into(Tensor tiles, int batch, int height, int width, "
-        "int stride_h, int stride_w, Tensor? weight=None, *, Tensor(a!) out) -> ()");
   // tile_extract: the adjoint of tile_aggregate (without softmax) with the same
   // weight/normalize; with the defaults it cuts the windows out of the images.
   m.def("tile_extract(Tensor image, int tile_h, int tile_w, int stride_h, int stride_w, "
         "Tensor? weight=None, bool normalize=False) -> Tensor");
 
   // Fused Conv-BN-ReLU (csrc/common/bn_relu.h has the math). Inference: BN folded into the
-  // conv's weight and bias by the caller, then one convolution with a fused bias + ReLU epilogue
-  // (oneDNN post-op on CPU, cuDNN conv-bias-activation on CUDA), in the input's memory format.
+  // conv's weight and bias by the caller, then the convolution with a bias + ReLU epilogue
+  // (oneDNN post-op on CPU; on CUDA cuDNN's convolution with the bias, then an in-place ReLU),
+  // in the input's memory format.
   m.def("conv_bias_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, bool relu=True) -> Tensor");
   // The CPU kernel's Winograd path (csrc/cpu/winograd.h), callable directly for tests and
@@ -53,6 +54,10 @@ TORCH_LIBRARY(fastunet, m) {
         "int block=0) -> Tensor");
   // Its weight gradient from the input and the output gradient (weight: shape and layout only).
   m.def("_winograd_conv3x3_grad_weight(Tensor input, Tensor grad, Tensor weight) -> Tensor");
+  // The candidate CUDA epilogue: self = relu(self + bias) in place, for the output of a
+  // convolution run without its bias (self NCHW or channels_last). One vectorised pass on CUDA;
+  // elsewhere ATen's add_ and relu_ (csrc/composite_ops.cpp).
+  m.def("_bias_relu_(Tensor(a!) self, Tensor bias) -> ()");
   m.def("conv_bias_relu_backward(Tensor grad_out, Tensor output, Tensor input, Tensor weight, "
         "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

@@ -6,11 +6,15 @@ import importlib
 import os
 import sys
 
-if "torch" not in sys.modules:
-    # Busy-waiting OpenMP threads make 2-thread CPU training 3-20x slower whenever another process
-    # shares the cores (measured on a shared 2-core machine); sleeping waits cost ~10-40% on an
-    # idle one. Set only when fastunet is imported before torch (the CLIs); a user's value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    # How long an idle OpenMP thread spins before it sleeps. GNU OpenMP's default (300,000 spins)
+    # makes 2-thread CPU work several times slower whenever another process shares the cores;
+    # sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every small op wake its threads, which
+    # slows a narrow model (the synthetic default) even on an idle machine. A short spin keeps
+    # the threads awake between the consecutive ops of a step and costs a shared machine little
+    # (docs/recipe.md, "Training speed on the CPU"). Set only when fastunet is imported before
+    # torch (the CLIs); a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from . import _native  # loads the native extension (torch.ops.fastunet.*) or warns once
 from . import ops

@@ -9,6 +9,8 @@ import pytest
 from fastunet.data import SyntheticVessels, build_dataset, green_channel_baseline, write_synthetic
 from fastunet.data import synthetic as syn
 
+from alignkit import aligned, has_structure
+
 SMALL = (160, 150)
 
 
@@ -93,6 +95,36 @@ def _dilate(mask, k):
         for dx in range(-k, k + 1):
             out |= np.roll(np.roll(mask, dy, 0), dx, 1)
     return out
+
+
+def _locally_dark(green, half=5, delta=4):
+    """Pixels at least ``delta`` levels darker than the mean of their (2 half + 1)^2 window."""
+    g = green.astype(np.float64)
+    c = np.pad(np.pad(g, half, mode="reflect").cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    n = 2 * half + 1
+    mean = (c[n:, n:] - c[:-n, n:] - c[n:, :-n] + c[:-n, :-n]) / n ** 2
+    return g < mean - delta
+
+
+def test_labels_are_aligned_with_the_dark_vessel_pixels(drive_size):
+    # in 48x48 crops holding enough vessel, the label agrees with the locally dark green pixels
+    # best at zero shift (of -1..1 px in y and x): the mask is drawn on the image's pixel grid
+    dark = _locally_dark(drive_size["img"][..., 1])
+    label, fov = drive_size["label"], drive_size["fov"]
+    rng = np.random.default_rng(0)
+    hits = shifted_hits = total = 0
+    for _ in range(150):
+        y, x = rng.integers(0, label.shape[0] - 48), rng.integers(0, label.shape[1] - 48)
+        crop = np.s_[y:y + 48, x:x + 48]
+        if not has_structure(label[crop], fov[crop], least=150):
+            continue
+        total += 1
+        hits += aligned(label[crop], dark[crop], fov[crop])
+        # the check has teeth: the label moved by one pixel is not best at zero shift
+        moved = np.roll(label, 1, axis=1)[crop]
+        shifted_hits += aligned(moved, dark[crop], fov[crop])
+    assert total >= 30
+    assert hits / total >= 0.9 and shifted_hits / total < 0.2
 
 
 def test_looks_like_a_fundus(drive_size):

@@ -1,5 +1,6 @@
 """Training pipeline invariants, OpenCV-compatible arithmetic, determinism across workers."""
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from fastunet.data import _cv
 from fastunet.data import transforms
 from fastunet.data.transforms import (MEAN, STD, EpochSampler, TrainDataset, TrainTransform,
                                       photometric_distortion, sample_rng)
+
+from alignkit import aligned, has_structure, is_dark, line_image
 
 RNG = np.random.default_rng(0)
 
@@ -272,3 +275,120 @@ def test_bad_inputs_are_rejected():
         tf(np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.uint8), sample_rng(0, 0, 0))
     with pytest.raises(ValueError, match="does not match"):
         tf(np.zeros((10, 10, 3), np.uint8), np.zeros((9, 10), np.uint8), sample_rng(0, 0, 0))
+
+
+# ---- label resize: on the image's pixel grid by default, mmseg's exactly on request
+
+def test_centre_nearest_index_is_the_pixel_under_each_centre():
+    # floor((x + 0.5) * src / dst): 2x up repeats each pixel, 2x down takes the second of each
+    # pair (the one under the output pixel's centre), where INTER_NEAREST takes the first
+    assert _cv.nearest_index(4, 8, centre=True).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert _cv.nearest_index(8, 4, centre=True).tolist() == [1, 3, 5, 7]
+    assert _cv.nearest_index(8, 4).tolist() == [0, 2, 4, 6]
+    assert _cv.nearest_index(3, 7, centre=True).tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert _cv.nearest_index(5, 5, centre=True).tolist() == list(range(5))
+
+
+def test_centre_nearest_resize_matches_pil():
+    from PIL import Image
+
+    lab = RNG.integers(0, 256, (61, 47), dtype=np.uint8)
+    for nw, nh in [(94, 122), (23, 30), (47, 61), (100, 17), (31, 90), (140, 183)]:
+        ref = np.asarray(Image.fromarray(lab).resize((nw, nh), Image.NEAREST))
+        assert np.array_equal(_cv.resize_nearest_window(lab, nw, nh, 0, nh, 0, nw, centre=True),
+                              ref), (nw, nh)
+
+
+def test_centre_nearest_resize_matches_opencv_nearest_exact_when_available():
+    cv2 = pytest.importorskip("cv2")  # not a dependency
+    lab = RNG.integers(0, 256, (61, 47), dtype=np.uint8)
+    for nw, nh in [(94, 122), (23, 30), (100, 17), (31, 90)]:
+        ref = cv2.resize(lab, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)
+        assert np.array_equal(_cv.resize_nearest_window(lab, nw, nh, 0, nh, 0, nw, centre=True),
+                              ref)
+
+
+def _aligned_fraction(label_resize, samples=160, photometric=False):
+    """Of random training samples of line images (scales 0.5-2, crops, flips), the fraction
+    whose label agrees with the image's dark pixels best at zero shift."""
+    rng = np.random.default_rng(11)
+    hits = total = 0
+    for k in range(samples // 4):
+        h, w = (int(v) for v in rng.integers(50, 130, 2))
+        img, label = line_image(h, w, rng)
+        tf = TrainTransform((48, 48), (h, w), photometric=photometric, label_resize=label_resize)
+        for j in range(4):
+            x, y = tf(img, label, sample_rng(k, 0, j))
+            y = y.numpy()
+            valid = y != 255
+            if not has_structure(y, valid):
+                continue
+            total += 1
+            hits += aligned(y == 1, is_dark(denorm(x)[..., 1]), valid)
+    assert total > samples // 2
+    return hits / total
+
+
+def test_training_labels_are_aligned_with_the_image():
+    assert _aligned_fraction("centre") >= 0.9
+    # the check has teeth: mmseg's INTER_NEAREST labels sit off the image in many crops
+    assert _aligned_fraction("mmseg") < 0.75
+
+
+def test_test_time_labels_are_aligned_with_the_image():
+    # the test transform resizes nothing: label and image are the files' own pixels
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        img, label = line_image(*(int(v) for v in rng.integers(40, 120, 2)), rng)
+        x, y = transforms.TestTransform()(img, label)
+        assert aligned(y.numpy() == 1, is_dark(denorm(x)[..., 1]))
+
+
+def test_label_resize_only_moves_labels():
+    # same draws, same image window: the two modes differ in the label's nearest map only
+    img, label = line_image(90, 77, np.random.default_rng(2))
+    a = TrainTransform((32, 32), (90, 77), cat_max_ratio=1.0, label_resize="centre")
+    b = TrainTransform((32, 32), (90, 77), cat_max_ratio=1.0, label_resize="mmseg")
+    differ = 0
+    for k in range(20):
+        (xa, ya), (xb, yb) = a(img, label, sample_rng(0, 0, k)), b(img, label, sample_rng(0, 0, k))
+        assert torch.equal(xa, xb)
+        differ += not torch.equal(ya, yb)
+    assert differ >= 10  # most random scales move some label pixels
+    with pytest.raises(ValueError, match="label_resize"):
+        TrainTransform(32, (90, 77), label_resize="nearest")
+
+
+def _pipeline_batch(label_resize):
+    """Iteration 2's batch (8 samples) of the synthetic config's pipeline on three small
+    generated images (scales 0.5-2 of 120x110, so crops, padding, flips and photometric
+    distortion all occur)."""
+    import fastunet
+    from fastunet.data import synthetic
+    from fastunet.training import data as tdata
+
+    dcfg = fastunet.get_config("synthetic")["data"]
+    dcfg.update(img_scale=(120, 110), label_resize=label_resize)
+    items = [dict(synthetic.generate(0, "training", i, (120, 110)), name=str(i))
+             for i in range(3)]
+    loader = tdata.build_train_loader(items, dcfg, 8, 8, seed=0, start_iter=2, workers=0)
+    return next(iter(loader))
+
+
+def _sha256(t):
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_mmseg_label_resize_reproduces_the_mmseg_pipeline_bit_for_bit():
+    # tests/data/mmseg_pipeline_batch.npz: _pipeline_batch's images and labels as the pipeline
+    # produced them before label_resize existed (then always mmseg's INTER_NEAREST)
+    ref = np.load(os.path.join(os.path.dirname(__file__), "data", "mmseg_pipeline_batch.npz"))
+    x, y = _pipeline_batch("mmseg")
+    assert (y == 255).any() and set(y.unique().tolist()) == {0, 1, 255}  # padding included
+    assert np.array_equal(y.numpy(), ref["labels"])
+    assert _sha256(y) == str(ref["labels_sha256"])
+    assert _sha256(x) == str(ref["images_sha256"])
+    # the default moves labels onto the image's grid: the same batch has other labels
+    assert not np.array_equal(_pipeline_batch("centre")[1].numpy(), ref["labels"])

@@ -122,6 +122,109 @@ def test_backward_pieces_match_reference(device, mem):
     assert gx.is_contiguous(memory_format=ref.layout(x))
 
 
+def _unaligned(t):
+    """t's values, laid out as t, in storage starting one element into an allocation: the data
+    pointer is not 16-byte aligned, so the CUDA kernels must take their one-value path."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = torch.as_strided(base, t.shape, t.stride(), storage_offset=1)
+    return out.copy_(t)
+
+
+def _bn_problem(shape, mem, device, seed, dtype=torch.float32):
+    """(x, grad, weight, bias) of a BN(+ReLU) problem: x and grad in the layout `mem`."""
+    torch.manual_seed(seed)
+    x = layout((torch.randn(*shape, device=device) * 2 + 1).to(dtype), mem)
+    g = layout(torch.randn(*shape, device=device).to(dtype), mem)
+    return x, g, torch.rand(shape[1], device=device) + 0.5, torch.randn(shape[1], device=device)
+
+
+# (N, C, H, W): 16-byte vectors in both layouts (C and HW multiples of 8); in NHWC only
+# (C = 24, HW = 25); in neither (odd C and HW)
+PATH_SHAPES = [(4, 16, 8, 8), (2, 24, 5, 5), (3, 5, 3, 7)]
+
+
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=["vectors", "nhwc-vectors", "scalar"])
+@pytest.mark.parametrize("mem", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_vector_and_scalar_paths_match_reference(device, shape, mem, dtype, aligned):
+    """Every BN piece on each access path of the CUDA kernels (vector widths, layouts, a data
+    pointer off the 16-byte grid) against the reference on the same input."""
+    x, g, w, b = _bn_problem(shape, mem, device, 21, dtype)
+    if not aligned:
+        x, g = _unaligned(x), _unaligned(g)
+    close = ({} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5))
+    out_close = close if dtype != torch.bfloat16 else dict(rtol=1.6e-2, atol=2e-2)
+    mean, var = ops.bn_stats(x)
+    for got, want in zip((mean, var), ref.bn_stats(x)):
+        torch.testing.assert_close(got, want, **close)
+    y = ops.bn_relu(x, mean, var, w, b, 1e-5)
+    torch.testing.assert_close(y, ref.bn_relu(x, mean, var, w, b, 1e-5), **out_close)
+    sums = ops.bn_relu_backward_reduce(g, x, mean, var, w, b, 1e-5)
+    want = ref.bn_relu_backward_reduce(g, x, mean, var, w, b, 1e-5)
+    scale = max(1.0, max(t.abs().max().item() for t in want))
+    for got, exp in zip(sums, want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5 * scale)
+    count = shape[0] * shape[2] * shape[3]
+    gx = ops.bn_relu_backward_elemt(g, x, mean, var, w, b, *want, count, 1e-5)
+    torch.testing.assert_close(gx, ref.bn_relu_backward_elemt(g, x, mean, var, w, b, *want,
+                                                              count, 1e-5), **out_close)
+
+
+@pytest.mark.parametrize("mem", ["contiguous", "channels_last"])
+def test_many_channels_keep_their_coefficients(device, mem):
+    # more channels than the CUDA elementwise kernels keep in shared memory (a global table)
+    x, g, w, b = _bn_problem((2, 3000, 2, 3), mem, device, 22)
+    mean, var = ops.bn_stats(x)
+    torch.testing.assert_close(ops.bn_relu(x, mean, var, w, b, 1e-5),
+                               ref.bn_relu(x, mean, var, w, b, 1e-5))
+    sums = ref.bn_relu_backward_reduce(g, x, mean, var, w, b, 1e-5)
+    torch.testing.assert_close(ops.bn_relu_backward_elemt(g, x, mean, var, w, b, *sums, 12, 1e-5),
+                               ref.bn_relu_backward_elemt(g, x, mean, var, w, b, *sums, 12, 1e-5))
+
+
+@pytest.mark.parametrize("mem", ["contiguous", "channels_last"])
+def test_reductions_repeat_bit_for_bit(device, mem):
+    # many blocks per channel on a GPU: the last block merges the partials in a fixed order
+    x, g, w, b = _bn_problem((16, 64, 32, 32), mem, device, 23)
+    runs = []
+    for _ in range(3):
+        mean, var = ops.bn_stats(x)
+        runs.append((mean, var, *ops.bn_relu_backward_reduce(g, x, mean, var, w, b, 1e-5)))
+    for other in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+
+
+@needs_native
+@pytest.mark.parametrize("mem", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [16, 5])
+def test_bias_relu_in_place(device, mem, dtype, channels):
+    torch.manual_seed(24)
+    y = layout(torch.randn(2, channels, 5, 8, device=device).to(dtype), mem)
+    bias = torch.randn(channels, device=device).to(dtype)
+    # what conv(bias) then relu_ computes: the sum rounded to dtype, then the ReLU
+    expected = torch.relu((y.float() + bias.float().view(1, -1, 1, 1)).to(dtype))
+    ptr, strides = y.data_ptr(), y.stride()
+    torch.ops.fastunet._bias_relu_(y, bias)
+    assert y.data_ptr() == ptr and y.stride() == strides
+    assert torch.equal(y, expected)
+
+
+@needs_native
+def test_bias_relu_checks_and_opcheck(device):
+    y = torch.randn(2, 4, 5, 6, device=device)
+    b = torch.randn(4, device=device)
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        torch.ops.fastunet._bias_relu_(y.transpose(2, 3), b)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        torch.ops.fastunet._bias_relu_(y, torch.randn(5, device=device))
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.fastunet._bias_relu_(y, b.double())
+    for inp in (y, y.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.fastunet._bias_relu_.default, (inp.clone(), b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_error_within_twice_pytorch(device, dtype):
     """flash-attention's rule: error vs fp64 at most 2x PyTorch's same-precision error (+eps)."""

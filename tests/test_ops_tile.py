@@ -1,4 +1,4 @@
-"""tile_extract / tile_aggregate against the SPEC §1 loop, over awkward grids, dtypes, layouts."""
+"""tile_extract / tile_aggregate against mmseg's slide loop, over awkward grids, dtypes, layouts."""
 import math
 
 import pytest
@@ -21,7 +21,9 @@ IDS = ["x".join(map(str, g)) for g in GRIDS]
 
 
 def spec_loop(image_fn, batch, channels, H, W, hc, wc, hs, ws, dtype=torch.float64):
-    """SPEC §1 verbatim: crop, run, add, count, divide. image_fn(y1, x1, y2, x2) -> window."""
+    """mmseg's slide_inference loop: crop, run, add, count, divide.
+
+    image_fn(y1, x1, y2, x2) -> window."""
     h_grids = max(H - hc + hs - 1, 0) // hs + 1
     w_grids = max(W - wc + ws - 1, 0) // ws + 1
     logits = torch.zeros(batch, channels, H, W, dtype=dtype)
@@ -194,7 +196,7 @@ def test_epilogues_match_reference(device, grid, weighted, epilogue):
 
 
 def test_epilogues_follow_spec_loop():
-    # softmax / argmax of the SPEC §1 average; uncovered pixels: uniform probabilities, label 0
+    # softmax / argmax of the slide loop's average; uncovered pixels: uniform probabilities, label 0
     H, W, th, tw, sh, sw = 100, 90, 30, 20, 40, 25
     torch.manual_seed(5)
     img = torch.randn(1, 3, H, W, dtype=torch.float64)
@@ -410,11 +412,14 @@ def test_out_bad_arguments_raise(device):
         with pytest.raises(RuntimeError, match="shares memory"):
             ops.tile_aggregate(overlap_tiles, 1, H, W, (sh, sw), out=overlap_out)
         with pytest.raises(RuntimeError, match="shape"):  # the op itself, not only the wrapper
-            torch.ops.fastunet.tile_aggregate_into(tiles, 1, H, W, sh, sw, None, True, False,
+            torch.ops.fastunet.tile_aggregate_into(tiles, 1, H, W, sh, sw, None, True, "none",
                                                    out=torch.empty(1, 2, H, 1, device=device))
         with pytest.raises(RuntimeError, match="uint8|Byte"):
-            torch.ops.fastunet.tile_aggregate_argmax_into(
-                tiles, 1, H, W, sh, sw, None, out=torch.empty(1, H, W, device=device))
+            torch.ops.fastunet.tile_aggregate_into(tiles, 1, H, W, sh, sw, None, True, "argmax",
+                                                   out=torch.empty(1, H, W, device=device))
+        with pytest.raises(RuntimeError, match="epilogue"):
+            torch.ops.fastunet.tile_aggregate_into(tiles, 1, H, W, sh, sw, None, True, "max",
+                                                   out=torch.empty(1, 2, H, W, device=device))
     with pytest.raises(TypeError, match="out must be a tensor"):
         ops.tile_aggregate(tiles, 1, H, W, (sh, sw), out=[0])
 
@@ -438,12 +443,12 @@ def test_opcheck_into(device, grid, weighted):
     n = ref.window_count(H, th, sh) * ref.window_count(W, tw, sw)
     w = gaussian(th, tw, torch.float32).to(device) if weighted else None
     tiles = torch.randn(2 * n, 2, th, tw, device=device)
-    for softmax in (False, True):
+    for epilogue in ("none", "softmax"):
         torch.library.opcheck(torch.ops.fastunet.tile_aggregate_into.default,
-                              (tiles, 2, H, W, sh, sw, w, True, softmax),
+                              (tiles, 2, H, W, sh, sw, w, True, epilogue),
                               {"out": torch.empty(2, 2, H, W, device=device)})
-    torch.library.opcheck(torch.ops.fastunet.tile_aggregate_argmax_into.default,
-                          (tiles, 2, H, W, sh, sw, w),
+    torch.library.opcheck(torch.ops.fastunet.tile_aggregate_into.default,
+                          (tiles, 2, H, W, sh, sw, w, True, "argmax"),
                           {"out": torch.empty(2, H, W, dtype=torch.uint8, device=device)})
 
 

@@ -112,6 +112,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     (["--cfg-options", "train.lrr=0.1"], "did you mean 'train.lr'"),
     (["--cfg-options", "train.lr"], "key.subkey=value"),
     (["--batch-size", "0"], "batch size"),
+    (["--cfg-options", "data.label_resize=nearest"], "'data.label_resize' must be 'centre' or"),
+    (["--capture", "graph", "--device", "cpu"], "--capture graph needs a CUDA device"),
     (["--resume"], "--resume: no checkpoint"),
     (["--load-from", "/nonexistent.pth"], "not found"),
 ])
@@ -138,7 +140,7 @@ def test_help_and_module_entry_point(tmp_path):
     assert out.returncode == 0
     for opt in ("--config", "--data-root", "--work-dir", "--max-iters", "--batch-size", "--amp",
                 "--resume", "--seed", "--cfg-options", "--device", "--workers", "--compile",
-                "--deterministic", "torchrun"):
+                "--capture", "--deterministic", "torchrun", "label_resize=mmseg"):
         assert opt in out.stdout
     bad = run_cli("fastunet.train", ["--config", "nope"], tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

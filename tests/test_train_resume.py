@@ -70,3 +70,18 @@ def test_resume_of_a_finished_run_only_evaluates(tmp_path):
     again = run_cli("fastunet.train", [*args, "--resume"], cache)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stdout and "vessel Dice" in again.stdout
+
+
+def test_resume_with_changed_settings_says_so(tmp_path, capsys):
+    from fastunet import train as train_cli
+
+    args = ["--max-iters", "2", "--batch-size", "2", "--work-dir", str(tmp_path / "w"),
+            "--cfg-options", *tiny_model(2), *tiny_synthetic()]
+    assert train_cli.main(args) == 0
+    capsys.readouterr()
+    assert train_cli.main(["--resume", *args, "train.lr=0.02",
+                           "data.label_resize=mmseg"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out
+    assert "note: the data/train settings differ from the checkpoint's; continuing with the " \
+           "current ones" in out

@@ -143,3 +143,20 @@ def test_check_resumable_refuses_a_damaged_grad_scaler_state(tmp_path):
         damaged = dict(ckpt, scaler=dict(ckpt["scaler"], **{key: value}))
         with pytest.raises(ValueError, match=rf"scaler\['{key}'\] is"):
             state.check_resumable(damaged, model, opt, scaler, max_iters=10)
+
+
+def test_check_resumable_takes_a_captured_runs_optimizer_and_back(tmp_path):
+    # a run with --capture graph holds lr in a tensor and may step fused/foreach: its checkpoint
+    # resumes an eager run (and back); a wrong type in those keys is still refused
+    _, model = _model()
+    captured = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1), momentum=0.9,
+                               foreach=True)
+    eager = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for saver, loader in ((captured, eager), (eager, captured)):
+        state.save_training_checkpoint(tmp_path, model, saver, 1, {}, [state.rng_state()])
+        ckpt = state.load_training_checkpoint(tmp_path / "latest.pth")
+        state.check_resumable(ckpt, model, loader, max_iters=10)
+    groups = [dict(g, foreach="yes") for g in ckpt["optimizer"]["param_groups"]]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['foreach'\] is"):
+        state.check_resumable(dict(ckpt, optimizer=dict(ckpt["optimizer"], param_groups=groups)),
+                              model, eager, max_iters=10)

@@ -1,5 +1,8 @@
 """Results folders: their benchmarks, device, date and software, and the inference figures
-(images/s, speedups, FLOPs) read from them."""
+(images/s, speedups, FLOPs) read from them.
+
+A folder holds pytest-benchmark JSON files (``--benchmark-json``; CPU runs and GPU runs before
+benchmarks/gpu_run.py) and/or one ``gpu_run.json`` written by benchmarks/gpu_run.py."""
 import glob
 import json
 import os
@@ -7,6 +10,7 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+GPU_RUN_SCHEMA = "fastunet-gpu-run/1"
 
 
 class Run:
@@ -22,9 +26,15 @@ class Run:
             with open(path, encoding="utf-8") as f:
                 self.device_json = json.load(f)
         self.files, self.load = [], None
+        self.gpu_run = None  # benchmarks/gpu_run.py's JSON (its dry runs are not results)
         for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
+            if (isinstance(data, dict) and data.get("schema") == GPU_RUN_SCHEMA
+                    and not data.get("dry_run") and data.get("device_type") == "cuda"):
+                self.gpu_run = data
+                self.files.append(os.path.relpath(path, ROOT))
+                continue
             if not isinstance(data, dict) or "benchmarks" not in data:
                 continue
             self.files.append(os.path.relpath(path, ROOT))
@@ -38,11 +48,27 @@ class Run:
                 b = dict(b, _datetime=data.get("datetime", ""))
                 self.benchmarks.append(b)
 
+    def section(self, name):
+        """A gpu_run.json section's results ({} when absent; a section that ran out of time
+        keeps the cases it finished)."""
+        if not self.gpu_run:
+            return {}
+        return self.gpu_run.get("sections", {}).get(name, {}).get("result") or {}
+
+    def kinds(self):
+        """The device kinds ("cuda", "cpu") this run measured."""
+        found = {device_kind(b) for b in self.benchmarks}
+        if self.gpu_run:
+            found.add("cuda")
+        return found
+
     def peak(self, kind, precision):
         """The run's measured peak TFLOP/s for a precision on a device: the highest of the
         session probe (benchmarks/conftest.py) and the matmul rates its benchmarks recorded
         (one peak per run keeps every fraction on the same scale)."""
         rates = [self.peaks.get(kind, {}).get(f"peak_{precision}_tflops")]
+        if kind == "cuda":
+            rates.append(self.section("environment").get(f"matmul_{precision}_tflops"))
         for b in self.benchmarks:
             if device_kind(b) != kind:
                 continue
@@ -59,6 +85,8 @@ class Run:
         """The name of the device of this kind that the run measured."""
         if kind in self.machines:
             return self.machines[kind]["device"]
+        if kind == "cuda" and self.section("environment").get("device"):
+            return self.section("environment")["device"]
         if kind == "cuda" and self.device_json.get("device"):
             return self.device_json["device"]
         for b in self.benchmarks:
@@ -67,17 +95,21 @@ class Run:
         return None
 
     def date(self, kind=None):
-        for source in (self.machines.get(kind or "", {}), self.device_json):
+        for source in (self.machines.get(kind or "", {}), self.section("environment"),
+                       self.device_json):
             if source.get("date"):
                 return source["date"]
         dates = sorted(b["_datetime"][:10] for b in self.benchmarks if b["_datetime"])
         return dates[-1] if dates else ""
 
     def software(self, kind):
-        info = self.machines.get(kind) or (self.device_json if kind == "cuda" else {})
+        info = self.machines.get(kind) or (
+            (self.section("environment") or self.device_json) if kind == "cuda" else {})
         parts = [f"torch {info['torch']}"] if info.get("torch") else []
         if kind == "cuda" and info.get("cuda"):
             parts.append(f"CUDA {info['cuda']}")
+        if kind == "cuda" and info.get("cudnn"):
+            parts.append(f"cuDNN {info['cudnn']}")
         if kind == "cpu" and info.get("threads"):
             parts.append(f"{info['threads']} threads")
         if kind == "cpu" and self.load:
@@ -99,7 +131,7 @@ def short_name(device):
 
 def load_runs(results=RESULTS):
     runs = [Run(d) for d in sorted(glob.glob(os.path.join(results, "*", "")))]
-    return [r for r in runs if r.benchmarks]
+    return [r for r in runs if r.benchmarks or r.gpu_run]
 
 
 def latest_by_device(runs):
@@ -107,7 +139,7 @@ def latest_by_device(runs):
     best = {}
     for run in runs:
         for kind in ("cuda", "cpu"):
-            if not any(device_kind(b) == kind for b in run.benchmarks):
+            if kind not in run.kinds():
                 continue
             key = (kind, run.device(kind))
             if key not in best or (run.date(kind), run.name) > (best[key].date(kind),
@@ -171,6 +203,9 @@ def inference_figures(run, kind):
                 fallback.setdefault(fig.pop("key"), fig)
     for key, fig in fallback.items():
         found.setdefault(key, fig)
+    if kind == "cuda":
+        for key, fig in gpu_run_inference_figures(run).items():
+            found.setdefault(key, fig)
     for (_, _, _, precision), fig in found.items():
         precision = "bf16" if precision == "fp16" else precision
         fig["peak_tflops"] = run.peak(kind, precision)
@@ -215,3 +250,28 @@ def _inference_py_figure(b, func, info):
                     else None, memory_GiB=info.get("peak_memory_GiB"), bench=b)
     return None
 
+
+
+def gpu_run_inference_figures(run):
+    """inference_figures' entries from a gpu_run.json (FCN, DRIVE and HRF, every mode)."""
+    section = run.section("inference")
+    reference = section.get("reference") or {}
+    found = {}
+    for case in section.get("cases", []):
+        if "images_per_s" not in case or case.get("kernels", "default") != "default":
+            continue  # the tables show what a user gets; forced-kernel cases are key ratios
+        key = (case["dataset"], "fcn", case["mode"], case["precision"])
+        ips = case["images_per_s"]
+        is_reference_case = (key[0], key[2], key[3]) == (reference.get("dataset"),
+                                                         reference.get("mode"),
+                                                         reference.get("precision"))
+        ref_ips = reference.get("images_per_s") if is_reference_case else None
+        gflop = case.get("gflop")
+        found[key] = dict(
+            images_per_s=ips, derived=False, speedup=ips / ref_ips if ref_ips else None,
+            reference_images_per_s=ref_ips, reference_derived=False, gflop=gflop,
+            tflops=gflop * ips / 1e3 if gflop else None, peak_tflops=None, peak_dtype=None,
+            memory_GiB=case.get("peak_memory_GiB"), bench=None,
+            reference_s=1 / ref_ips if ref_ips else None, reference_gflop=gflop,
+            reference_modules=reference.get("modules"), window_batch=case.get("window_batch"))
+    return found

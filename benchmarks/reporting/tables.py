@@ -3,13 +3,14 @@ key ratios and the roofline."""
 import os
 
 from .format import DERIVED, num, span, speed_ratio, speed_span, table, fps_cell
+from .gpu_tables import COMMAND as GPU_RUN_COMMAND, gpu_ratio_rows
 from .results import ROOT, bench_file, benches, command, inference_figures, short_name
 
 DATASETS = [("drive", "DRIVE", "64x64", 42), ("stare", "STARE", "128x128", 85),
             ("chase_db1", "CHASE_DB1", "128x128", 85), ("hrf", "HRF", "256x256", 170)]
 HEADS = [("fcn", "FCN"), ("pspnet", "PSPNet"), ("deeplabv3", "DeepLabV3")]
-# SPEC §1 "Published results" (mmseg, V100): vessel Dice for CE and CE + Dice loss, and the
-# training memory published for the FCN rows
+# mmseg's published results (V100; docs of its UNet configs): vessel Dice for CE and CE + Dice
+# loss, and the training memory published for the FCN rows
 PUBLISHED_DICE = {
     "drive": {"fcn": (78.67, 79.32), "pspnet": (78.62, 79.42), "deeplabv3": (78.69, 79.56)},
     "stare": {"fcn": (81.02, 82.70), "pspnet": (81.22, 82.84), "deeplabv3": (80.93, 82.71)},
@@ -160,7 +161,8 @@ def ratio_rows(run, kind):
     figs = inference_figures(run, kind)
     slide = [(k, f) for k, f in figs.items() if k[2] == "slide" and k[3] == "fp32"
              and f.get("speedup")]
-    configs = [f for k, f in slide if bench_file(f["bench"]).endswith("bench_configs.py")]
+    configs = [f for k, f in slide if f["bench"] and
+               bench_file(f["bench"]).endswith("bench_configs.py")]
     if configs:
         rows.append((f"Inference engine (slide, exact) vs mmseg's loop, fp32, "
                      f"{len(configs)} config{'s' if len(configs) > 1 else ''}",
@@ -170,7 +172,14 @@ def ratio_rows(run, kind):
                          f["derived"] or f["reference_derived"] for f in configs) else ""),
                      command(configs[0]["bench"], True)))
     for (ds, head, mode, precision), fig in sorted(figs.items()):
-        if bench_file(fig["bench"]).endswith("bench_inference.py") and fig.get("speedup"):
+        if not fig["bench"] and fig.get("speedup"):  # benchmarks/gpu_run.py
+            rows.append((f"Inference engine ({mode}) vs the one-window-per-forward loop, "
+                         f"{ds.upper()}, FCN, {precision}", speed_ratio(fig["speedup"]),
+                         f"{num(fig['images_per_s'])} vs {num(fig['reference_images_per_s'])} "
+                         f"img/s (reference: {fig.get('reference_modules')} modules)",
+                         GPU_RUN_COMMAND))
+        elif fig["bench"] and bench_file(fig["bench"]).endswith("bench_inference.py") \
+                and fig.get("speedup"):
             rows.append((f"Inference engine ({mode}) vs the one-window-per-forward loop, "
                          f"DRIVE, FCN, {precision}", speed_ratio(fig["speedup"]),
                          f"{num(fig['images_per_s'])} vs {num(fig['reference_images_per_s'])} "
@@ -186,6 +195,8 @@ def ratio_rows(run, kind):
                      + (f"; into a reused output {num(i['op_out_ms'])} ms, "
                         f"{num(i['op_out_over_bound'])}x the bound" if "op_out_ms" in i else ""),
                      command(b)))
+    if kind == "cuda":
+        rows += gpu_ratio_rows(run)
     return rows
 
 

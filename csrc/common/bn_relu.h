@@ -18,6 +18,17 @@
 
 namespace fastunet {
 
+// Pre-activation v from the centred value d = x - mean; an explicit fma on the GPU so that no
+// kernel can contract it differently (the forward and the backward's ReLU mask must agree).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t affine_pre(acc_t d, acc_t scale, acc_t beta) {
+#ifdef __CUDA_ARCH__
+  return ::fma(d, scale, beta);
+#else
+  return d * scale + beta;
+#endif
+}
+
 // Per-channel constants of the affine normalisation, computed identically everywhere.
 template <typename acc_t>
 struct ChannelAffine {
@@ -26,21 +37,14 @@ struct ChannelAffine {
   C10_HOST_DEVICE ChannelAffine(acc_t mean_, acc_t var, acc_t gamma, acc_t beta_, acc_t eps)
       : mean(mean_), beta(beta_) {
 #ifdef __CUDA_ARCH__
-    invstd = ::rsqrt(var + eps);  // one MUFU op: cheap enough to recompute per element
+    invstd = ::rsqrt(var + eps);
 #else
     invstd = acc_t(1) / std::sqrt(var + eps);
 #endif
     scale = invstd * gamma;
   }
 
-  // Pre-activation v; an explicit fma on the GPU so no kernel can contract it differently.
-  C10_HOST_DEVICE acc_t pre(acc_t x) const {
-#ifdef __CUDA_ARCH__
-    return ::fma(x - mean, scale, beta);
-#else
-    return (x - mean) * scale + beta;
-#endif
-  }
+  C10_HOST_DEVICE acc_t pre(acc_t x) const { return affine_pre(x - mean, scale, beta); }
 
   C10_HOST_DEVICE acc_t xhat(acc_t x) const { return (x - mean) * invstd; }
 };

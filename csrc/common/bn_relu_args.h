@@ -99,6 +99,19 @@ inline BnArgs bn_args(const at::Tensor& input, const at::Tensor& mean, const at:
   return a;
 }
 
+// _bias_relu_: `self` (a convolution's output, written in place) in one of the two layouts the
+// kernels run in, and a bias of one value per channel in self's dtype, on self's device.
+inline void check_bias_relu_args(const at::Tensor& self, const at::Tensor& bias) {
+  check_bn_input(self, "self");
+  TORCH_CHECK(self.is_contiguous(op_memory_format(self)), "self must be contiguous or "
+              "channels_last (it is written in place), got strides ", self.strides());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == self.size(1), "bias must have shape (",
+              self.size(1), ",), got ", bias.sizes());
+  TORCH_CHECK(bias.scalar_type() == self.scalar_type(), "bias must have self's dtype ",
+              self.scalar_type(), ", got ", bias.scalar_type());
+  FASTUNET_CHECK_SAME_DEVICE(bias, self, "bias", "self");
+}
+
 // conv_bias_relu: the geometry arguments a 2-D convolution needs.
 inline void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,

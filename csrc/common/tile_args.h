@@ -4,7 +4,12 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <c10/util/string_view.h>
+
+#include <string>
+#include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/tile_grid.h"
@@ -81,7 +86,7 @@ inline void check_argmax_channels(const TileGrid& g) {
               "channels (classes) to write uint8 labels, got ", g.channels);
 }
 
-// The caller's output of the tile_aggregate*_into ops: written whole, so it must be exactly the
+// The caller's output of tile_aggregate_into: written whole, so it must be exactly the
 // tensor the allocating form would return. `tiles` and `weight` are what the kernel will read
 // (after .contiguous() and the weight's conversion), which must not share memory with it.
 inline void check_tile_out(const at::Tensor& out, const at::Tensor& tiles,
@@ -125,6 +130,58 @@ inline TileGrid extract_grid(const at::Tensor& image, int64_t tile_h, int64_t ti
   g.grid_w = tile_count(g.width, tile_w, stride_w);
   check_tile_weight(weight, image, tile_h, tile_w);
   return g;
+}
+
+enum class TileEpilogue { kNone, kSoftmax, kArgmax };
+
+inline TileEpilogue parse_tile_epilogue(c10::string_view epilogue) {
+  const std::string_view name(epilogue.data(), epilogue.size());
+  if (name == "none") return TileEpilogue::kNone;
+  if (name == "softmax") return TileEpilogue::kSoftmax;
+  TORCH_CHECK(name == "argmax", "epilogue must be \"none\", \"softmax\" or \"argmax\", got \"",
+              std::string(name), "\"");
+  return TileEpilogue::kArgmax;
+}
+
+inline const char* tile_epilogue_name(TileEpilogue e) {
+  return e == TileEpilogue::kNone ? "none" : e == TileEpilogue::kSoftmax ? "softmax" : "argmax";
+}
+
+// Shape and dtype of tile_aggregate's result for an epilogue: (batch, C, height, width) in the
+// tiles' dtype, or uint8 labels (batch, height, width) for argmax.
+inline std::vector<int64_t> aggregate_shape(const TileGrid& g, TileEpilogue e) {
+  if (e == TileEpilogue::kArgmax) return {g.batch, g.height, g.width};
+  return {g.batch, g.channels, g.height, g.width};
+}
+
+inline at::ScalarType aggregate_dtype(const at::Tensor& tiles, TileEpilogue e) {
+  return e == TileEpilogue::kArgmax ? at::kByte : tiles.scalar_type();
+}
+
+// tile_aggregate_into's arguments, validated once (out included) and in the form both devices'
+// kernels read: contiguous tiles, the weight in the accumulation dtype.
+struct AggregateArgs {
+  TileGrid g;
+  at::Tensor tiles;
+  c10::optional<at::Tensor> weight;
+  TileEpilogue epilogue;
+  bool normalize;  // argmax always compares averages
+};
+
+inline AggregateArgs aggregate_args(const at::Tensor& tiles, int64_t batch, int64_t height,
+                                    int64_t width, int64_t stride_h, int64_t stride_w,
+                                    const c10::optional<at::Tensor>& weight, bool normalize,
+                                    c10::string_view epilogue, const at::Tensor& out) {
+  AggregateArgs a;
+  a.g = aggregate_grid(tiles, batch, height, width, stride_h, stride_w, weight);
+  a.epilogue = parse_tile_epilogue(epilogue);
+  if (a.epilogue == TileEpilogue::kArgmax) check_argmax_channels(a.g);
+  a.normalize = normalize || a.epilogue == TileEpilogue::kArgmax;
+  a.tiles = tiles.contiguous();
+  a.weight = prepare_tile_weight(weight, a.tiles.scalar_type());
+  check_tile_out(out, a.tiles, a.weight, aggregate_shape(a.g, a.epilogue),
+                 aggregate_dtype(a.tiles, a.epilogue), "tile_aggregate");
+  return a;
 }
 
 }  // namespace fastunet

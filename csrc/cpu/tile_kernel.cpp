@@ -1,4 +1,5 @@
-// CPU kernels of tile_aggregate / tile_aggregate_argmax / tile_extract.
+// CPU kernels of tile_aggregate_into (which tile_aggregate and tile_aggregate_argmax run on a
+// fresh output, csrc/composite_ops.cpp) and tile_extract.
 //
 // Aggregation is a gather: a task owns a block of output rows of one image, sums into a small
 // row buffer (L2-resident) the windows covering it, in the reference's order (window row i,
@@ -30,7 +31,8 @@ namespace {
 
 // A fresh multi-megabyte output is a new mapping: touching it 4 KiB page by page costs more
 // than the whole gather. Asking for transparent huge pages before the first touch (what torch's
-// allocator does under THP_MEM_ALLOC_ENABLE=1) makes that a few dozen faults. Advisory only.
+// allocator does under THP_MEM_ALLOC_ENABLE=1) makes that a few dozen faults. Advisory only;
+// for a reused output, already touched, it costs one system call.
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
@@ -44,8 +46,6 @@ void advise_huge_pages(const at::Tensor& t) {
   (void)t;
 #endif
 }
-
-enum class Epilogue { kNone, kSoftmax, kArgmax };
 
 struct Span {
   int64_t first, last;  // covering windows [first, last]; last < first when none
@@ -160,7 +160,7 @@ inline void argmax_step(const acc_t* __restrict__ v, acc_t* __restrict__ best,
   }
 }
 
-template <typename scalar_t, Epilogue E>
+template <typename scalar_t, TileEpilogue E>
 void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& weight_t,
                     bool normalize, void* out_ptr) {
   using acc_t = tile_acc_t<scalar_t>;
@@ -189,8 +189,8 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t task0, int64_t task1) {
     std::vector<acc_t> acc(C * R * W);
     std::vector<acc_t> wsum(weight_sums ? R * W : 0);
-    std::vector<acc_t> norm(W), best(E == Epilogue::kNone ? 0 : W);
-    std::vector<acc_t> label(E == Epilogue::kArgmax ? W : 0);
+    std::vector<acc_t> norm(W), best(E == TileEpilogue::kNone ? 0 : W);
+    std::vector<acc_t> label(E == TileEpilogue::kArgmax ? W : 0);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t n = task / blocks;
       const int64_t y0 = (task % blocks) * R;
@@ -229,7 +229,7 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
       }
       for (int64_t r = 0; r < nrows; ++r) {
         const int64_t y = y0 + r;
-        if (normalize || E == Epilogue::kArgmax) {
+        if (normalize || E == TileEpilogue::kArgmax) {
           if (weight_sums) {
             std::copy(wsum.begin() + r * W, wsum.begin() + (r + 1) * W, norm.begin());
           } else {
@@ -238,7 +238,7 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
             for (int64_t x = 0; x < W; ++x) norm[x] = rc * col_count[x];
           }
         }
-        if constexpr (E == Epilogue::kNone) {
+        if constexpr (E == TileEpilogue::kNone) {
           scalar_t* out = static_cast<scalar_t*>(out_ptr);
           for (int64_t c = 0; c < C; ++c) {
             scalar_t* dst = out + ((n * C + c) * H + y) * W;
@@ -259,10 +259,10 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
           }
           continue;
         }
-        if (normalize || E == Epilogue::kArgmax) {  // argmax always compares averages
+        if (normalize || E == TileEpilogue::kArgmax) {  // argmax always compares averages
           for (int64_t c = 0; c < C; ++c) divide_run(acc.data() + (c * R + r) * W, norm.data(), W);
         }
-        if constexpr (E == Epilogue::kSoftmax) {
+        if constexpr (E == TileEpilogue::kSoftmax) {
           scalar_t* out = static_cast<scalar_t*>(out_ptr);
           std::copy(acc.begin() + r * W, acc.begin() + (r + 1) * W, best.begin());  // max
           for (int64_t c = 1; c < C; ++c) {
@@ -299,16 +299,18 @@ void aggregate_impl(const TileGrid& g, const scalar_t* tiles, const at::Tensor& 
 }
 
 // Normaliser per pixel for tile_extract(normalize=True): summed weights of the covering windows.
+// The columns' covering windows are found once (a division each), not once per pixel.
 template <typename acc_t>
 std::vector<acc_t> normaliser(const TileGrid& g, const acc_t* weight) {
   std::vector<acc_t> norm(g.height * g.width);
+  std::vector<Span> cols(g.width);
+  for (int64_t x = 0; x < g.width; ++x) g.cover_x(x, &cols[x].first, &cols[x].last);
   at::parallel_for(0, g.height, 16, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       int64_t i0, i1;
       g.cover_y(y, &i0, &i1);
       for (int64_t x = 0; x < g.width; ++x) {
-        int64_t j0, j1;
-        g.cover_x(x, &j0, &j1);
+        const int64_t j0 = cols[x].first, j1 = cols[x].last;
         acc_t s = 0;
         if (i1 >= i0 && j1 >= j0) {
           if (weight == nullptr) {
@@ -363,79 +365,32 @@ void extract_impl(const TileGrid& g, const scalar_t* image, const at::Tensor& we
   });
 }
 
-// Shared by the allocating ops and their _into forms: `out` is the checked, contiguous output.
-void aggregate_cpu(const TileGrid& g, const at::Tensor& tiles,
-                   const c10::optional<at::Tensor>& weight, bool normalize, Epilogue epilogue,
-                   const at::Tensor& out) {
+// tile_aggregate_into: the one aggregation kernel (the allocating ops run it on a fresh output).
+void tile_aggregate_into_cpu(const at::Tensor& tiles, int64_t batch, int64_t height,
+                             int64_t width, int64_t stride_h, int64_t stride_w,
+                             const c10::optional<at::Tensor>& weight, bool normalize,
+                             c10::string_view epilogue, const at::Tensor& out) {
+  TORCH_CHECK(tiles.device().is_cpu(), "tile_aggregate (CPU kernel): tiles must be on CPU");
+  const AggregateArgs a = aggregate_args(tiles, batch, height, width, stride_h, stride_w, weight,
+                                         normalize, epilogue, out);
   if (out.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tiles.scalar_type(),
+  advise_huge_pages(out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.tiles.scalar_type(),
                                   "tile_aggregate_cpu", [&] {
-    const at::Tensor w = weight.value_or(at::Tensor());
-    const scalar_t* t = tiles.data_ptr<scalar_t>();
-    if (epilogue == Epilogue::kSoftmax) {
-      aggregate_impl<scalar_t, Epilogue::kSoftmax>(g, t, w, normalize, out.data_ptr());
-    } else if (epilogue == Epilogue::kArgmax) {
-      aggregate_impl<scalar_t, Epilogue::kArgmax>(g, t, w, true, out.data_ptr());
-    } else {
-      aggregate_impl<scalar_t, Epilogue::kNone>(g, t, w, normalize, out.data_ptr());
+    const at::Tensor w = a.weight.value_or(at::Tensor());
+    const scalar_t* t = a.tiles.data_ptr<scalar_t>();
+    switch (a.epilogue) {
+      case TileEpilogue::kSoftmax:
+        aggregate_impl<scalar_t, TileEpilogue::kSoftmax>(a.g, t, w, a.normalize, out.data_ptr());
+        break;
+      case TileEpilogue::kArgmax:
+        aggregate_impl<scalar_t, TileEpilogue::kArgmax>(a.g, t, w, a.normalize, out.data_ptr());
+        break;
+      case TileEpilogue::kNone:
+        aggregate_impl<scalar_t, TileEpilogue::kNone>(a.g, t, w, a.normalize, out.data_ptr());
+        break;
     }
   });
-}
-
-at::Tensor tile_aggregate_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
-                              int64_t width, int64_t stride_h, int64_t stride_w,
-                              const c10::optional<at::Tensor>& weight_in, bool normalize,
-                              bool softmax) {
-  TORCH_CHECK(tiles_in.device().is_cpu(), "tile_aggregate (CPU kernel): tiles must be on CPU");
-  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
-  const at::Tensor tiles = tiles_in.contiguous();
-  at::Tensor out = at::empty({batch, g.channels, height, width}, tiles.options());
-  if (out.numel() > 0) advise_huge_pages(out);
-  aggregate_cpu(g, tiles, prepare_tile_weight(weight_in, tiles.scalar_type()), normalize,
-                softmax ? Epilogue::kSoftmax : Epilogue::kNone, out);
-  return out;
-}
-
-void tile_aggregate_into_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
-                             int64_t width, int64_t stride_h, int64_t stride_w,
-                             const c10::optional<at::Tensor>& weight_in, bool normalize,
-                             bool softmax, const at::Tensor& out) {
-  TORCH_CHECK(tiles_in.device().is_cpu(), "tile_aggregate_into (CPU kernel): tiles must be on CPU");
-  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
-  const at::Tensor tiles = tiles_in.contiguous();
-  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
-  check_tile_out(out, tiles, weight, {batch, g.channels, height, width}, tiles.scalar_type(),
-                 "tile_aggregate_into");
-  aggregate_cpu(g, tiles, weight, normalize, softmax ? Epilogue::kSoftmax : Epilogue::kNone, out);
-}
-
-at::Tensor tile_aggregate_argmax_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
-                                     int64_t width, int64_t stride_h, int64_t stride_w,
-                                     const c10::optional<at::Tensor>& weight_in) {
-  TORCH_CHECK(tiles_in.device().is_cpu(),
-              "tile_aggregate_argmax (CPU kernel): tiles must be on CPU");
-  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
-  check_argmax_channels(g);
-  const at::Tensor tiles = tiles_in.contiguous();
-  at::Tensor out = at::empty({batch, height, width}, tiles.options().dtype(at::kByte));
-  aggregate_cpu(g, tiles, prepare_tile_weight(weight_in, tiles.scalar_type()), true,
-                Epilogue::kArgmax, out);
-  return out;
-}
-
-void tile_aggregate_argmax_into_cpu(const at::Tensor& tiles_in, int64_t batch, int64_t height,
-                                    int64_t width, int64_t stride_h, int64_t stride_w,
-                                    const c10::optional<at::Tensor>& weight_in,
-                                    const at::Tensor& out) {
-  TORCH_CHECK(tiles_in.device().is_cpu(),
-              "tile_aggregate_argmax_into (CPU kernel): tiles must be on CPU");
-  const TileGrid g = aggregate_grid(tiles_in, batch, height, width, stride_h, stride_w, weight_in);
-  check_argmax_channels(g);
-  const at::Tensor tiles = tiles_in.contiguous();
-  const auto weight = prepare_tile_weight(weight_in, tiles.scalar_type());
-  check_tile_out(out, tiles, weight, {batch, height, width}, at::kByte,
-                 "tile_aggregate_argmax_into");
-  aggregate_cpu(g, tiles, weight, true, Epilogue::kArgmax, out);
 }
 
 at::Tensor tile_extract_cpu(const at::Tensor& image_in, int64_t tile_h, int64_t tile_w,
@@ -459,9 +414,6 @@ at::Tensor tile_extract_cpu(const at::Tensor& image_in, int64_t tile_h, int64_t 
 }  // namespace fastunet
 
 TORCH_LIBRARY_IMPL(fastunet, CPU, m) {
-  m.impl("tile_aggregate", &fastunet::tile_aggregate_cpu);
-  m.impl("tile_aggregate_argmax", &fastunet::tile_aggregate_argmax_cpu);
   m.impl("tile_aggregate_into", &fastunet::tile_aggregate_into_cpu);
-  m.impl("tile_aggregate_argmax_into", &fastunet::tile_aggregate_argmax_into_cpu);
   m.impl("tile_extract", &fastunet::tile_extract_cpu);
 }

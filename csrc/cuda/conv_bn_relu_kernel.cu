@@ -4,48 +4,39 @@
 // cuDNN's fused conv-bias-ReLU (at::cudnn_convolution_relu) measured 2.5-3.4x slower than the
 // convolution alone on an H100 (benchmarks/results/h100-20261127, fp16/bf16, both layouts), so it
 // is only tried when FASTUNET_CUDNN_FUSED_CONV=1, for re-measuring on other GPUs/cuDNN versions.
-// Training: per-channel reductions run in two launches, a partial kernel (blocks = channel tiles
-// x splits of the N*H*W values, Welford or plain sums in float, block-level tree merge in shared
-// memory) and a merge kernel (one thread per channel, splits merged in order), so results are
-// deterministic. Elementwise kernels are grid-stride loops over the flat index, with the channel
-// found by multiply-shift division; every value is recomputed from the BN input and the
-// statistics (csrc/common/bn_relu.h), which is what lets the backward skip the saved output.
+// _bias_relu_ is the other candidate epilogue: the convolution without its bias, then one
+// vectorised in-place pass adding the bias and applying the ReLU (benchmarks/gpu_run.py measures
+// all three against the convolution alone).
+// Training: the BatchNorm statistics and the backward's per-channel sums are one launch each
+// (a deterministic last-block merge), the normalise+ReLU and input-gradient passes one
+// vectorised elementwise launch each, with per-channel coefficients computed once per block
+// (cuda/channel_kernels.cuh). Every value is recomputed from the BN input and the statistics
+// (csrc/common/bn_relu.h), which is what lets the backward skip the saved output.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <string>
 
 #include "common/bn_relu.h"
 #include "common/bn_relu_args.h"
+#include "common/switches.h"
 #include "common/conv_bias_relu.h"
+#include "cuda/channel_kernels.cuh"
 
 namespace fastunet {
 namespace {
 
-constexpr int kThreads = 256;  // 1-D blocks: NCHW reductions, elementwise kernels
-constexpr int kTileC = 32;     // 2-D blocks of NHWC reductions: 32 channels (a warp) ...
-constexpr int kTileR = 8;      // ... x 8 rows
-
 // ---------------------------------------------------------------------------------------------
 // conv_bias_relu
 
-bool cudnn_fused_conv_requested() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTUNET_CUDNN_FUSED_CONV");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return on;
-}
+// FASTUNET_CUDNN_FUSED_CONV, as fastunet/settings.py read it (common/switches.h)
+bool cudnn_fused_conv_requested() { return switches().cudnn_fused_conv.load(); }
 
 bool cudnn_fusable(const at::Tensor& input, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias) {
@@ -89,195 +80,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bias_relu_backward_cuda(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shared launch helpers
+// BatchNorm(+ReLU): reductions and elementwise maps over cuda/channel_kernels.cuh
 
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// How many blocks share one channel (tile) of a reduction: about 4 blocks per SM in all, each
-// with at least 2048 values, at most 512 splits.
-int64_t reduction_splits(int64_t channel_blocks, int64_t count) {
-  const int64_t want = (4 * sm_count() + channel_blocks - 1) / channel_blocks;
-  const int64_t most = std::max<int64_t>(1, count / 2048);
-  return std::max<int64_t>(1, std::min<int64_t>({want, most, 512}));
-}
-
-int elementwise_blocks(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(std::min<int64_t>(b, int64_t(sm_count()) * 32));
-}
-
-// Channel of flat index i (< 2^31) in an NCHW or NHWC tensor, by multiply-shift division.
-struct ChannelOf {
-  at::cuda::detail::IntDivider<unsigned int> hw, c;
-  bool nhwc;
-  ChannelOf(const BnShape& s)
-      : hw(static_cast<unsigned int>(std::max<int64_t>(s.hw, 1))),
-        c(static_cast<unsigned int>(s.c)), nhwc(s.nhwc) {}
-  __device__ __forceinline__ unsigned int operator()(unsigned int i) const {
-    return nhwc ? c.mod(i) : c.mod(hw.div(i));
-  }
-};
+using namespace cuda_channel;
 
 void check_index_range(const BnShape& s) {
   TORCH_CHECK(s.numel() <= std::numeric_limits<int32_t>::max(),
               "the fused BatchNorm CUDA kernels index with 32 bits; this input has ", s.numel(),
               " elements (>= 2^31). Use a smaller batch or FASTUNET_FUSED=0");
 }
-
-// Values [begin, end) of one split of `total`.
-__device__ __forceinline__ void split_range(int64_t total, int64_t splits, int64_t split,
-                                            int64_t* begin, int64_t* end) {
-  const int64_t per = (total + splits - 1) / splits;
-  *begin = split * per;
-  *end = *begin + per < total ? *begin + per : total;
-}
-
-// ---------------------------------------------------------------------------------------------
-// bn_stats: partial Welford per (channel, split), then merge
-
-template <typename acc_t>
-__device__ void welford_block_reduce_1d(Welford<acc_t>* w) {
-  __shared__ acc_t s_mean[kThreads], s_m2[kThreads];
-  __shared__ int64_t s_n[kThreads];
-  const int t = threadIdx.x;
-  s_mean[t] = w->mean;
-  s_m2[t] = w->m2;
-  s_n[t] = w->count;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (t < stride) {
-      Welford<acc_t> a;
-      a.merge(s_mean[t], s_m2[t], s_n[t]);
-      a.merge(s_mean[t + stride], s_m2[t + stride], s_n[t + stride]);
-      s_mean[t] = a.mean;
-      s_m2[t] = a.m2;
-      s_n[t] = a.count;
-    }
-    __syncthreads();
-  }
-  w->mean = s_mean[0];
-  w->m2 = s_m2[0];
-  w->count = s_n[0];
-}
-
-// NCHW: grid (C, splits), 1-D blocks; a split is a contiguous range of the channel's N*HW values.
-template <typename scalar_t, typename acc_t>
-__global__ void bn_stats_nchw_kernel_impl(const scalar_t* __restrict__ x, BnShape s,
-                                          int64_t splits, acc_t* __restrict__ p_mean,
-                                          acc_t* __restrict__ p_m2,
-                                          int64_t* __restrict__ p_count) {
-  const int64_t c = blockIdx.x, split = blockIdx.y;
-  int64_t i, end;
-  split_range(s.count(), splits, split, &i, &end);
-  Welford<acc_t> w;
-  while (i < end) {  // one plane segment at a time: no division per value
-    const int64_t n = i / s.hw, off = i - n * s.hw;
-    const int64_t len = (s.hw - off) < (end - i) ? (s.hw - off) : (end - i);
-    const scalar_t* p = x + (n * s.c + c) * s.hw + off;
-    for (int64_t j = threadIdx.x; j < len; j += kThreads) w.add(acc_t(p[j]));
-    i += len;
-  }
-  welford_block_reduce_1d(&w);
-  if (threadIdx.x == 0) {
-    p_mean[c * splits + split] = w.mean;
-    p_m2[c * splits + split] = w.m2;
-    p_count[c * splits + split] = w.count;
-  }
-}
-
-// NHWC: grid (ceil(C / 32), splits), blocks (32 channels, 8 rows); rows are N*HW.
-template <typename scalar_t, typename acc_t>
-__global__ void bn_stats_nhwc_kernel_impl(const scalar_t* __restrict__ x, BnShape s,
-                                          int64_t splits, acc_t* __restrict__ p_mean,
-                                          acc_t* __restrict__ p_m2,
-                                          int64_t* __restrict__ p_count) {
-  __shared__ acc_t s_mean[kTileR][kTileC], s_m2[kTileR][kTileC];
-  __shared__ int64_t s_n[kTileR][kTileC];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t c = int64_t(blockIdx.x) * kTileC + tx, split = blockIdx.y;
-  int64_t begin, end;
-  split_range(s.count(), splits, split, &begin, &end);
-  Welford<acc_t> w;
-  if (c < s.c)
-    for (int64_t r = begin + ty; r < end; r += kTileR) w.add(acc_t(x[r * s.c + c]));
-  s_mean[ty][tx] = w.mean;
-  s_m2[ty][tx] = w.m2;
-  s_n[ty][tx] = w.count;
-  __syncthreads();
-  for (int stride = kTileR / 2; stride > 0; stride >>= 1) {
-    if (ty < stride) {
-      Welford<acc_t> a;
-      a.merge(s_mean[ty][tx], s_m2[ty][tx], s_n[ty][tx]);
-      a.merge(s_mean[ty + stride][tx], s_m2[ty + stride][tx], s_n[ty + stride][tx]);
-      s_mean[ty][tx] = a.mean;
-      s_m2[ty][tx] = a.m2;
-      s_n[ty][tx] = a.count;
-    }
-    __syncthreads();
-  }
-  if (ty == 0 && c < s.c) {
-    p_mean[c * splits + split] = s_mean[0][tx];
-    p_m2[c * splits + split] = s_m2[0][tx];
-    p_count[c * splits + split] = s_n[0][tx];
-  }
-}
-
-template <typename acc_t>
-__global__ void bn_stats_merge_kernel_impl(const acc_t* __restrict__ p_mean,
-                                           const acc_t* __restrict__ p_m2,
-                                           const int64_t* __restrict__ p_count, int64_t channels,
-                                           int64_t splits, acc_t* __restrict__ mean,
-                                           acc_t* __restrict__ var) {
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < channels;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    Welford<acc_t> w;
-    for (int64_t k = 0; k < splits; ++k)
-      w.merge(p_mean[c * splits + k], p_m2[c * splits + k], p_count[c * splits + k]);
-    mean[c] = w.mean;
-    var[c] = w.var_biased();
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
-  TORCH_CHECK(input.is_cuda(), "bn_stats (CUDA kernel): input must be on a CUDA device");
-  check_bn_input(input, "input");
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(op_memory_format(input));
-  const BnShape s = bn_shape(x);
-  auto opts = x.options().dtype(stats_dtype(x));
-  at::Tensor mean = at::zeros({s.c}, opts), var = at::zeros({s.c}, opts);
-  if (s.count() == 0 || s.c == 0) return {mean, var};
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    const int64_t tiles = s.nhwc ? (s.c + kTileC - 1) / kTileC : s.c;
-    const int64_t splits = reduction_splits(tiles, s.count());
-    auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor p_mean = at::empty({s.c * splits}, acc_opts);
-    at::Tensor p_m2 = at::empty({s.c * splits}, acc_opts);
-    at::Tensor p_count = at::empty({s.c * splits}, x.options().dtype(at::kLong));
-    const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(splits));
-    if (s.nhwc) {
-      bn_stats_nhwc_kernel_impl<scalar_t, acc_t><<<grid, dim3(kTileC, kTileR), 0, stream>>>(
-          x.data_ptr<scalar_t>(), s, splits, p_mean.data_ptr<acc_t>(), p_m2.data_ptr<acc_t>(),
-          p_count.data_ptr<int64_t>());
-    } else {
-      bn_stats_nchw_kernel_impl<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), s, splits, p_mean.data_ptr<acc_t>(), p_m2.data_ptr<acc_t>(),
-          p_count.data_ptr<int64_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int merge_blocks = static_cast<int>((s.c + kThreads - 1) / kThreads);
-    bn_stats_merge_kernel_impl<acc_t><<<merge_blocks, kThreads, 0, stream>>>(
-        p_mean.data_ptr<acc_t>(), p_m2.data_ptr<acc_t>(), p_count.data_ptr<int64_t>(), s.c,
-        splits, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {mean, var};
-}
-
-// ---------------------------------------------------------------------------------------------
-// bn_relu forward and the backward pieces
 
 // bn_args (common/bn_relu_args.h) plus the kernels' 32-bit index limit.
 BnArgs bn_args_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
@@ -304,17 +115,127 @@ ChannelParams<opmath_t> channel_params(const BnArgs& a, double eps) {
           a.beta.data_ptr<opmath_t>(), opmath_t(eps)};
 }
 
-template <typename scalar_t, typename opmath_t>
-__global__ void bn_relu_forward_kernel_impl(const scalar_t* __restrict__ x,
-                                            ChannelParams<opmath_t> params, ChannelOf channel_of,
-                                            bool relu, unsigned int total,
-                                            scalar_t* __restrict__ y) {
-  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += blockDim.x * gridDim.x) {
-    const ChannelAffine<opmath_t> f = params(channel_of(i));
-    y[i] = scalar_t(apply_relu(f.pre(opmath_t(x[i])), relu));
+// bn_stats. A thread sums its values shifted by the first one it sees (no division per value,
+// and no cancellation while the values stay near each other), then turns the sums into (count,
+// mean, M2); threads, blocks and splits merge those by Chan's formula (as Welford::merge).
+template <typename scalar_t, typename acc_type, int L>
+struct StatsOp {
+  using acc_t = acc_type;
+  using State = Partial<acc_t, L>;  // a: mean, b: M2, n: count
+  static constexpr int kLanes = L;
+  struct Thread {
+    acc_t shift[L], sum[L], sum_sq[L];
+    int64_t n;
+  };
+  const scalar_t* x;
+  acc_t* mean_out;
+  acc_t* var_out;
+
+  __device__ Thread start(int64_t) const {
+    Thread t;
+    t.n = 0;
+    for (int l = 0; l < L; ++l) t.shift[l] = t.sum[l] = t.sum_sq[l] = acc_t(0);
+    return t;
   }
+  template <int V>
+  __device__ void add(Thread& t, int64_t offset) const {
+    const Pack<scalar_t, V> p = load_pack<V>(x + offset);
+    if (t.n == 0) {
+#pragma unroll
+      for (int l = 0; l < L; ++l) t.shift[l] = acc_t(p.v[l]);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t d = acc_t(p.v[j]) - t.shift[j % L];
+      t.sum[j % L] += d;
+      t.sum_sq[j % L] += d * d;
+    }
+    t.n += V / L;
+  }
+  __device__ State state(const Thread& t) const {
+    State st = State::empty();
+    if (t.n == 0) return st;
+    st.n = t.n;
+    const acc_t n = acc_t(t.n);
+    for (int l = 0; l < L; ++l) {
+      st.a[l] = t.shift[l] + t.sum[l] / n;
+      const acc_t m2 = t.sum_sq[l] - t.sum[l] * t.sum[l] / n;
+      st.b[l] = m2 > acc_t(0) ? m2 : acc_t(0);
+    }
+    return st;
+  }
+  __device__ void merge(State& a, const State& b) const {
+    if (b.n == 0) return;
+    if (a.n == 0) {
+      a = b;
+      return;
+    }
+    const int64_t n = a.n + b.n;
+    const acc_t w = acc_t(b.n) / acc_t(n), wa = acc_t(a.n) * w;
+    for (int l = 0; l < L; ++l) {
+      const acc_t d = b.a[l] - a.a[l];
+      a.a[l] += d * w;
+      a.b[l] += b.b[l] + d * d * wa;
+    }
+    a.n = n;
+  }
+  __device__ void finish(int64_t c0, const State& st) const {
+    for (int l = 0; l < L; ++l) {
+      mean_out[c0 + l] = st.a[l];
+      var_out[c0 + l] = st.b[l] / acc_t(st.n);
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& input) {
+  TORCH_CHECK(input.is_cuda(), "bn_stats (CUDA kernel): input must be on a CUDA device");
+  check_bn_input(input, "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(op_memory_format(input));
+  const BnShape s = bn_shape(x);
+  auto opts = x.options().dtype(stats_dtype(x));
+  at::Tensor mean = at::empty({s.c}, opts), var = at::empty({s.c}, opts);
+  if (s.c == 0) return {mean, var};
+  if (s.count() == 0) return {mean.zero_(), var.zero_()};
+  check_index_range(s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    const bool vector = vectorizable<scalar_t>(s, {x.data_ptr()});
+    dispatch_vector_layout<scalar_t>(s, vector, [&](auto v, auto nhwc) {
+      constexpr int V = decltype(v)::value;
+      constexpr bool kNhwc = decltype(nhwc)::value;
+      StatsOp<scalar_t, acc_t, kNhwc ? V : 1> op{x.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
+                                                 var.data_ptr<acc_t>()};
+      launch_channel_reduce<V, kNhwc>(op, s, x.options());
+    });
+  });
+  return {mean, var};
 }
+
+// Writes channel c's mean, scale and beta to k[0..2] (the first coefficients of both BN maps).
+template <typename opmath_t>
+__device__ __forceinline__ ChannelAffine<opmath_t> affine_coefficients(
+    const ChannelParams<opmath_t>& params, int64_t c, opmath_t* k) {
+  const ChannelAffine<opmath_t> f = params(c);
+  k[0] = f.mean;
+  k[1] = f.scale;
+  k[2] = f.beta;
+  return f;
+}
+
+// y = relu((x - mean) * scale + beta); coefficients mean, scale, beta.
+template <typename scalar_t, typename opmath_t>
+struct BnReluMap : ChannelMap<scalar_t, opmath_t, 3, 1> {
+  ChannelParams<opmath_t> params;
+  bool relu;
+
+  __device__ void coefficients(int64_t c, opmath_t* k) const {
+    affine_coefficients(params, c, k);
+  }
+  __device__ __forceinline__ scalar_t value(const opmath_t* k, scalar_t x, scalar_t) const {
+    return scalar_t(apply_relu(affine_pre(opmath_t(x) - k[0], k[1], k[2]), relu));
+  }
+};
 
 at::Tensor bn_relu_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                         const c10::optional<at::Tensor>& weight,
@@ -323,118 +244,74 @@ at::Tensor bn_relu_cuda(const at::Tensor& input, const at::Tensor& mean, const a
   const c10::cuda::CUDAGuard guard(input.device());
   const BnArgs a = bn_args_cuda(input, mean, var, weight, bias, eps);
   at::Tensor out = at::empty_like(a.x);
-  const int64_t total = out.numel();
-  if (total == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "bn_relu_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    bn_relu_forward_kernel_impl<scalar_t, opmath_t>
-        <<<elementwise_blocks(total), kThreads, 0, stream>>>(
-            a.x.data_ptr<scalar_t>(), channel_params<opmath_t>(a, eps), ChannelOf(a.s), relu,
-            static_cast<unsigned int>(total), out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool vector = vectorizable<scalar_t>(a.s, {a.x.data_ptr(), out.data_ptr()});
+    dispatch_vector_layout<scalar_t>(a.s, vector, [&](auto v, auto nhwc) {
+      BnReluMap<scalar_t, opmath_t> op{{{a.x.data_ptr<scalar_t>()}, out.data_ptr<scalar_t>()},
+                                       channel_params<opmath_t>(a, eps), relu};
+      launch_channel_map<decltype(v)::value, decltype(nhwc)::value>(op, a.s, a.x.options());
+    });
   });
   return out;
 }
 
-// Backward sums: partial (sum_dy, sum_dy_xhat) per (channel, split), then summed in order.
-template <typename acc_t>
-__device__ void sum2_block_reduce_1d(acc_t* a, acc_t* b) {
-  __shared__ acc_t s_a[kThreads], s_b[kThreads];
-  const int t = threadIdx.x;
-  s_a[t] = *a;
-  s_b[t] = *b;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (t < stride) {
-      s_a[t] += s_a[t + stride];
-      s_b[t] += s_b[t + stride];
-    }
-    __syncthreads();
-  }
-  *a = s_a[0];
-  *b = s_b[0];
-}
+// bn_relu_backward_reduce: per channel sum(dy_m) and sum(dy_m * (x - mean)), the latter times
+// invstd once at the end (= sum(dy_m * xhat)).
+template <typename scalar_t, typename acc_type, int L>
+struct GradSumsOp {
+  using acc_t = acc_type;
+  using State = Partial<acc_t, L>;  // a: sum_dy, b: sum_dy * (x - mean); n unused
+  static constexpr int kLanes = L;
+  struct Thread {
+    State sums;
+    acc_t mean[L], scale[L], beta[L];
+  };
+  const scalar_t* x;
+  const scalar_t* dy;
+  ChannelParams<acc_t> params;
+  bool relu;
+  acc_t* sum_dy;
+  acc_t* sum_dy_xhat;
 
-template <typename scalar_t, typename acc_t>
-__global__ void bn_relu_backward_reduce_nchw_kernel_impl(
-    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, ChannelParams<acc_t> params,
-    BnShape s, bool relu, int64_t splits, acc_t* __restrict__ p_a, acc_t* __restrict__ p_b) {
-  const int64_t c = blockIdx.x, split = blockIdx.y;
-  const ChannelAffine<acc_t> f = params(c);
-  int64_t i, end;
-  split_range(s.count(), splits, split, &i, &end);
-  acc_t a = 0, b = 0;
-  while (i < end) {
-    const int64_t n = i / s.hw, off = i - n * s.hw;
-    const int64_t len = (s.hw - off) < (end - i) ? (s.hw - off) : (end - i);
-    const int64_t base = (n * s.c + c) * s.hw + off;
-    for (int64_t j = threadIdx.x; j < len; j += kThreads) {
-      const acc_t xv = acc_t(x[base + j]);
-      const acc_t g = relu_grad(acc_t(dy[base + j]), f.pre(xv), relu);
-      a += g;
-      b += g * f.xhat(xv);
+  __device__ Thread start(int64_t c0) const {
+    Thread t;
+    t.sums = State::empty();
+    for (int l = 0; l < L; ++l) {
+      const ChannelAffine<acc_t> f = params(c0 + l);
+      t.mean[l] = f.mean;
+      t.scale[l] = f.scale;
+      t.beta[l] = f.beta;
     }
-    i += len;
+    return t;
   }
-  sum2_block_reduce_1d(&a, &b);
-  if (threadIdx.x == 0) {
-    p_a[c * splits + split] = a;
-    p_b[c * splits + split] = b;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void bn_relu_backward_reduce_nhwc_kernel_impl(
-    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, ChannelParams<acc_t> params,
-    BnShape s, bool relu, int64_t splits, acc_t* __restrict__ p_a, acc_t* __restrict__ p_b) {
-  __shared__ acc_t s_a[kTileR][kTileC], s_b[kTileR][kTileC];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t c = int64_t(blockIdx.x) * kTileC + tx, split = blockIdx.y;
-  int64_t begin, end;
-  split_range(s.count(), splits, split, &begin, &end);
-  acc_t a = 0, b = 0;
-  if (c < s.c) {
-    const ChannelAffine<acc_t> f = params(c);
-    for (int64_t r = begin + ty; r < end; r += kTileR) {
-      const acc_t xv = acc_t(x[r * s.c + c]);
-      const acc_t g = relu_grad(acc_t(dy[r * s.c + c]), f.pre(xv), relu);
-      a += g;
-      b += g * f.xhat(xv);
+  template <int V>
+  __device__ void add(Thread& t, int64_t offset) const {
+    const Pack<scalar_t, V> px = load_pack<V>(x + offset), pg = load_pack<V>(dy + offset);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int l = j % L;
+      const acc_t d = acc_t(px.v[j]) - t.mean[l];
+      const acc_t g = relu_grad(acc_t(pg.v[j]), affine_pre(d, t.scale[l], t.beta[l]), relu);
+      t.sums.a[l] += g;
+      t.sums.b[l] += g * d;
     }
   }
-  s_a[ty][tx] = a;
-  s_b[ty][tx] = b;
-  __syncthreads();
-  for (int stride = kTileR / 2; stride > 0; stride >>= 1) {
-    if (ty < stride) {
-      s_a[ty][tx] += s_a[ty + stride][tx];
-      s_b[ty][tx] += s_b[ty + stride][tx];
+  __device__ State state(const Thread& t) const { return t.sums; }
+  __device__ void merge(State& a, const State& b) const {
+    for (int l = 0; l < L; ++l) {
+      a.a[l] += b.a[l];
+      a.b[l] += b.b[l];
     }
-    __syncthreads();
   }
-  if (ty == 0 && c < s.c) {
-    p_a[c * splits + split] = s_a[0][tx];
-    p_b[c * splits + split] = s_b[0][tx];
-  }
-}
-
-template <typename acc_t>
-__global__ void sum_splits_kernel_impl(const acc_t* __restrict__ p_a,
-                                       const acc_t* __restrict__ p_b, int64_t channels,
-                                       int64_t splits, acc_t* __restrict__ a,
-                                       acc_t* __restrict__ b) {
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < channels;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    acc_t sa = 0, sb = 0;
-    for (int64_t k = 0; k < splits; ++k) {
-      sa += p_a[c * splits + k];
-      sb += p_b[c * splits + k];
+  __device__ void finish(int64_t c0, const State& st) const {
+    for (int l = 0; l < L; ++l) {
+      sum_dy[c0 + l] = st.a[l];
+      sum_dy_xhat[c0 + l] = st.b[l] * params(c0 + l).invstd;
     }
-    a[c] = sa;
-    b[c] = sb;
   }
-}
+};
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
@@ -446,53 +323,46 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(
   check_same_shape(grad_out, input, "grad_out", "input");
   const at::Tensor dy = grad_out.to(a.x.scalar_type()).contiguous(op_memory_format(a.x));
   auto opts = a.x.options().dtype(stats_dtype(a.x));
-  at::Tensor sum_dy = at::zeros({a.s.c}, opts), sum_dy_xhat = at::zeros({a.s.c}, opts);
-  if (a.s.count() == 0 || a.s.c == 0) return {sum_dy, sum_dy_xhat};
-  const BnShape s = a.s;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor sum_dy = at::empty({a.s.c}, opts), sum_dy_xhat = at::empty({a.s.c}, opts);
+  if (a.s.c == 0) return {sum_dy, sum_dy_xhat};
+  if (a.s.count() == 0) return {sum_dy.zero_(), sum_dy_xhat.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(),
                                   "bn_relu_backward_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;  // == opmath type on CUDA
-    const int64_t tiles = s.nhwc ? (s.c + kTileC - 1) / kTileC : s.c;
-    const int64_t splits = reduction_splits(tiles, s.count());
-    at::Tensor p_a = at::empty({s.c * splits}, opts), p_b = at::empty({s.c * splits}, opts);
-    const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(splits));
-    if (s.nhwc) {
-      bn_relu_backward_reduce_nhwc_kernel_impl<scalar_t, acc_t>
-          <<<grid, dim3(kTileC, kTileR), 0, stream>>>(
-              dy.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), channel_params<acc_t>(a, eps), s,
-              relu, splits, p_a.data_ptr<acc_t>(), p_b.data_ptr<acc_t>());
-    } else {
-      bn_relu_backward_reduce_nchw_kernel_impl<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          dy.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), channel_params<acc_t>(a, eps), s,
-          relu, splits, p_a.data_ptr<acc_t>(), p_b.data_ptr<acc_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int merge_blocks = static_cast<int>((s.c + kThreads - 1) / kThreads);
-    sum_splits_kernel_impl<acc_t><<<merge_blocks, kThreads, 0, stream>>>(
-        p_a.data_ptr<acc_t>(), p_b.data_ptr<acc_t>(), s.c, splits, sum_dy.data_ptr<acc_t>(),
-        sum_dy_xhat.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool vector = vectorizable<scalar_t>(a.s, {a.x.data_ptr(), dy.data_ptr()});
+    dispatch_vector_layout<scalar_t>(a.s, vector, [&](auto v, auto nhwc) {
+      constexpr int V = decltype(v)::value;
+      constexpr bool kNhwc = decltype(nhwc)::value;
+      GradSumsOp<scalar_t, acc_t, kNhwc ? V : 1> op{
+          a.x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), channel_params<acc_t>(a, eps), relu,
+          sum_dy.data_ptr<acc_t>(), sum_dy_xhat.data_ptr<acc_t>()};
+      launch_channel_reduce<V, kNhwc>(op, a.s, a.x.options());
+    });
   });
   return {sum_dy, sum_dy_xhat};
 }
 
+// dx = (dy_m - sum_dy / M - xhat * sum_dy_xhat / M) * scale; coefficients mean, scale, beta,
+// sum_dy / M and invstd * sum_dy_xhat / M (so xhat is never formed).
 template <typename scalar_t, typename opmath_t>
-__global__ void bn_relu_backward_elemt_kernel_impl(
-    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-    ChannelParams<opmath_t> params, const opmath_t* __restrict__ sum_dy,
-    const opmath_t* __restrict__ sum_dy_xhat, opmath_t inv_count, ChannelOf channel_of,
-    bool relu, unsigned int total, scalar_t* __restrict__ dx) {
-  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += blockDim.x * gridDim.x) {
-    const unsigned int c = channel_of(i);
-    const ChannelAffine<opmath_t> f = params(c);
-    const opmath_t xv = opmath_t(x[i]);
-    const opmath_t g = relu_grad(opmath_t(dy[i]), f.pre(xv), relu);
-    dx[i] = scalar_t((g - sum_dy[c] * inv_count - f.xhat(xv) * (sum_dy_xhat[c] * inv_count)) *
-                     f.scale);
+struct BnReluBackwardMap : ChannelMap<scalar_t, opmath_t, 5, 2> {  // inputs x, dy
+  ChannelParams<opmath_t> params;
+  const opmath_t* sum_dy;
+  const opmath_t* sum_dy_xhat;
+  opmath_t inv_count;
+  bool relu;
+
+  __device__ void coefficients(int64_t c, opmath_t* k) const {
+    const ChannelAffine<opmath_t> f = affine_coefficients(params, c, k);
+    k[3] = sum_dy[c] * inv_count;
+    k[4] = sum_dy_xhat[c] * inv_count * f.invstd;
   }
-}
+  __device__ __forceinline__ scalar_t value(const opmath_t* k, scalar_t x, scalar_t dy) const {
+    const opmath_t d = opmath_t(x) - k[0];
+    const opmath_t g = relu_grad(opmath_t(dy), affine_pre(d, k[1], k[2]), relu);
+    return scalar_t((g - k[3] - d * k[4]) * k[1]);
+  }
+};
 
 at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_out, const at::Tensor& input,
                                        const at::Tensor& mean, const at::Tensor& var,
@@ -509,21 +379,51 @@ at::Tensor bn_relu_backward_elemt_cuda(const at::Tensor& grad_out, const at::Ten
   const at::Tensor s_dy = channel_vector(sum_dy, input, "sum_dy");
   const at::Tensor s_dyx = channel_vector(sum_dy_xhat, input, "sum_dy_xhat");
   at::Tensor grad_in = at::empty_like(a.x);
-  const int64_t total = grad_in.numel();
-  if (total == 0) return grad_in;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  if (grad_in.numel() == 0) return grad_in;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(),
                                   "bn_relu_backward_elemt_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    bn_relu_backward_elemt_kernel_impl<scalar_t, opmath_t>
-        <<<elementwise_blocks(total), kThreads, 0, stream>>>(
-            dy.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), channel_params<opmath_t>(a, eps),
-            s_dy.data_ptr<opmath_t>(), s_dyx.data_ptr<opmath_t>(),
-            opmath_t(1) / opmath_t(count), ChannelOf(a.s), relu,
-            static_cast<unsigned int>(total), grad_in.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const bool vector =
+        vectorizable<scalar_t>(a.s, {a.x.data_ptr(), dy.data_ptr(), grad_in.data_ptr()});
+    dispatch_vector_layout<scalar_t>(a.s, vector, [&](auto v, auto nhwc) {
+      BnReluBackwardMap<scalar_t, opmath_t> op{
+          {{a.x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>()}, grad_in.data_ptr<scalar_t>()},
+          channel_params<opmath_t>(a, eps), s_dy.data_ptr<opmath_t>(), s_dyx.data_ptr<opmath_t>(),
+          opmath_t(1) / opmath_t(count), relu};
+      launch_channel_map<decltype(v)::value, decltype(nhwc)::value>(op, a.s, a.x.options());
+    });
   });
   return grad_in;
+}
+
+// _bias_relu_: y = relu(y + bias) in place, the epilogue of a convolution run without its bias.
+template <typename scalar_t, typename opmath_t>
+struct BiasReluMap : ChannelMap<scalar_t, opmath_t, 1, 1> {
+  const scalar_t* bias;
+
+  __device__ void coefficients(int64_t c, opmath_t* k) const { k[0] = opmath_t(bias[c]); }
+  __device__ __forceinline__ scalar_t value(const opmath_t* k, scalar_t y, scalar_t) const {
+    return scalar_t(apply_relu(opmath_t(y) + k[0], true));
+  }
+};
+
+void bias_relu_cuda(const at::Tensor& self, const at::Tensor& bias_in) {
+  TORCH_CHECK(self.is_cuda(), "_bias_relu_ (CUDA kernel): self must be on a CUDA device");
+  check_bias_relu_args(self, bias_in);
+  const c10::cuda::CUDAGuard guard(self.device());
+  const BnShape s = bn_shape(self);
+  if (s.numel() == 0) return;
+  check_index_range(s);
+  const at::Tensor bias = bias_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, self.scalar_type(), "bias_relu_cuda",
+                                  [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* y = self.data_ptr<scalar_t>();
+    dispatch_vector_layout<scalar_t>(s, vectorizable<scalar_t>(s, {y}), [&](auto v, auto nhwc) {
+      BiasReluMap<scalar_t, opmath_t> op{{{y}, y}, bias.data_ptr<scalar_t>()};
+      launch_channel_map<decltype(v)::value, decltype(nhwc)::value>(op, s, self.options());
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -588,4 +488,5 @@ TORCH_LIBRARY_IMPL(fastunet, CUDA, m) {
   m.impl("bn_relu_backward_reduce", &fastunet::bn_relu_backward_reduce_cuda);
   m.impl("bn_relu_backward_elemt", &fastunet::bn_relu_backward_elemt_cuda);
   m.impl("bn_update_running_stats", &fastunet::bn_update_running_stats_cuda);
+  m.impl("_bias_relu_", &fastunet::bias_relu_cuda);
 }

@@ -10,6 +10,13 @@ installed (it is not a dependency).
 
 Resizes are computed for a window of the output only (rows y0:y1, cols x0:x1), which equals
 resizing the whole image and cropping, at the cost of the window.
+
+Pixel grids. INTER_LINEAR maps output pixel x to source position (x + 0.5) * scale - 0.5: pixel
+centres onto pixel centres. INTER_NEAREST does not: it takes source pixel floor(x * scale), the
+pixel under output x's left edge, so a label resized with it sits up to half a source pixel off
+the image resized with INTER_LINEAR (mmseg's pipeline pairs exactly these two). The
+``centre=True`` nearest map takes floor((x + 0.5) * scale), the source pixel under output x's
+centre, on the image's grid (PIL's NEAREST and OpenCV's INTER_NEAREST_EXACT do the same).
 """
 import numpy as np
 
@@ -30,20 +37,30 @@ def rescale_size(w, h, scale):
     return int(w * float(factor) + 0.5), int(h * float(factor) + 0.5), factor
 
 
-def nearest_index(src, dst):
-    """Source index of every output index for cv2 INTER_NEAREST (floor(x * src/dst))."""
+def nearest_index(src, dst, centre=False):
+    """Source index of every output index of a nearest-neighbour resize from src to dst pixels.
+
+    centre=False: cv2 INTER_NEAREST, floor(x * src/dst) as OpenCV rounds it (mmseg's labels);
+    centre=True: floor((x + 0.5) * src/dst), the pixel under the output pixel's centre, computed
+    exactly in integers (see the module docstring).
+    """
+    x = np.arange(dst, dtype=np.int64)
+    if centre:
+        return np.minimum((2 * x + 1) * src // (2 * dst), src - 1)
     inv_scale = dst / src  # cv2 keeps fx = dsize/ssize and multiplies by 1/fx
-    idx = np.floor(np.arange(dst, dtype=np.float64) * (1.0 / inv_scale)).astype(np.int64)
+    idx = np.floor(x * (1.0 / inv_scale)).astype(np.int64)
     return np.minimum(idx, src - 1)
 
 
-def linear_coeffs(src, dst):
-    """cv2 INTER_LINEAR map for one axis: (index0, index1, weight0, weight1) as int arrays.
+def linear_coeffs(src, dst, lo=0, hi=None):
+    """cv2 INTER_LINEAR map for one axis: (index0, index1, weight0, weight1) as int arrays, for
+    output indices lo..hi-1 (default all dst).
 
     Weights are 11-bit fixed point (sum 2048); borders clamp as resizeGeneric_ does.
     """
     scale = 1.0 / (dst / src)
-    f = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    x = np.arange(lo, dst if hi is None else hi, dtype=np.float64)
+    f = ((x + 0.5) * scale - 0.5).astype(np.float32)
     s = np.floor(f).astype(np.int64)
     f = (f - s.astype(np.float32)).astype(np.float32)
     low = s < 0
@@ -71,13 +88,13 @@ def resize_linear_window(img, new_w, new_h, y0, y1, x0, x1):
         s = block[0::2, 0::2] + block[0::2, 1::2] + block[1::2, 0::2] + block[1::2, 1::2]
         out = ((s + 2) >> 2).astype(np.uint8)
         return out if img.ndim == 3 else out[..., 0]
-    ys0, ys1, b0, b1 = (a[y0:y1] for a in linear_coeffs(h, new_h))
-    xs0, xs1, a0, a1 = (a[x0:x1] for a in linear_coeffs(w, new_w))
+    ys0, ys1, b0, b1 = linear_coeffs(h, new_h, y0, y1)
+    xs0, xs1, a0, a1 = linear_coeffs(w, new_w, x0, x1)
     # horizontal pass (exact integers) on the source rows the window needs
     rows = np.unique(np.concatenate([ys0, ys1]))
-    sub = src[rows].astype(np.int32)
-    hor = sub[:, xs0] * a0[None, :, None].astype(np.int32) + \
-        sub[:, xs1] * a1[None, :, None].astype(np.int32)
+    sub = src[rows]
+    hor = sub[:, xs0].astype(np.int32) * a0[None, :, None].astype(np.int32) + \
+        sub[:, xs1].astype(np.int32) * a1[None, :, None].astype(np.int32)
     S0 = hor[np.searchsorted(rows, ys0)]
     S1 = hor[np.searchsorted(rows, ys1)]
     # vertical pass with the rounding of OpenCV's vectorised loop (VResizeLinearVec_32s8u):
@@ -88,11 +105,12 @@ def resize_linear_window(img, new_w, new_h, y0, y1, x0, x1):
     return out if img.ndim == 3 else out[..., 0]
 
 
-def resize_nearest_window(label, new_w, new_h, y0, y1, x0, x1):
-    """Rows y0:y1, cols x0:x1 of cv2.resize(label, (new_w, new_h), INTER_NEAREST)."""
+def resize_nearest_window(label, new_w, new_h, y0, y1, x0, x1, centre=False):
+    """Rows y0:y1, cols x0:x1 of a nearest resize of label to (new_w, new_h): cv2.resize's
+    INTER_NEAREST, or with ``centre`` on the pixel grid of the linear resize (nearest_index)."""
     h, w = label.shape[:2]
-    ry = nearest_index(h, new_h)[y0:y1]
-    rx = nearest_index(w, new_w)[x0:x1]
+    ry = nearest_index(h, new_h, centre)[y0:y1]
+    rx = nearest_index(w, new_w, centre)[x0:x1]
     return label[ry[:, None], rx[None, :]]
 
 

@@ -30,7 +30,7 @@ class DatasetError(ValueError):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm",
                     ".pbm", ".webp", ".ppm.gz", ".pgm.gz")
 
-# image size (h, w), the configs' img_scale and crop (SPEC §1 "Configs")
+# image size (h, w), the configs' img_scale and crop (mmseg's dataset configs)
 DATASET_INFO = {
     "drive": dict(size=(584, 565), img_scale=(584, 565), crop_size=(64, 64)),
     "stare": dict(size=(605, 700), img_scale=(605, 700), crop_size=(128, 128)),

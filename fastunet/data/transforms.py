@@ -1,11 +1,11 @@
 """The training pipeline of mmseg's retinal-vessel configs, and the test-time transform.
 
-Per sample (SPEC §1, mmseg 1.x ``train_pipeline`` + ``SegDataPreProcessor``):
+Per sample (mmseg 1.x's ``train_pipeline`` + ``SegDataPreProcessor`` of the retinal configs):
 
 1. ``RandomResize(scale=img_scale, ratio_range=(0.5, 2.0), keep_ratio=True)``: r ~ U(0.5, 2),
    target (int(s0·r), int(s1·r)); the image is rescaled by mmcv's ``rescale_size`` factor
    min(long/long_edge, short/short_edge), new size int(w·f + 0.5) x int(h·f + 0.5); bilinear for
-   the image (OpenCV's uint8 INTER_LINEAR arithmetic), nearest for the label (INTER_NEAREST);
+   the image (OpenCV's uint8 INTER_LINEAR arithmetic), nearest for the label (see below);
 2. ``RandomCrop(crop, cat_max_ratio=0.75)``: up to 10 re-draws while the crop is a single class or
    one class covers >= 75% of its non-ignored pixels (mmseg's loop, so the 11th draw is kept);
 3. ``RandomFlip(prob=0.5)``, horizontal;
@@ -13,6 +13,15 @@ Per sample (SPEC §1, mmseg 1.x ``train_pipeline`` + ``SegDataPreProcessor``):
    saturation [0.5, 1.5] and hue ±18 in OpenCV's uint8 HSV, each with p = 0.5;
 5. normalise with mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375) in RGB order;
 6. pad bottom/right to the crop size: image 0 (after normalising), label 255.
+
+The label's nearest resize (``label_resize``) is where fastunet departs from mmseg by default:
+
+- ``'centre'`` (default): each label pixel is the source pixel under its centre,
+  floor((x + 0.5) * scale), the grid the image's bilinear resize uses, so label and image stay
+  aligned at every scale;
+- ``'mmseg'``: OpenCV's INTER_NEAREST, floor(x * scale), as mmseg: reproduces mmseg's pipeline
+  bit for bit, including its half-pixel label offset (after a random rescale the label sits up
+  to half a source pixel off the image; a retinal vessel is 1-8 pixels wide).
 
 The resize is evaluated only inside the crop window (identical to resizing then cropping, much
 cheaper). Randomness comes from an explicit ``np.random.Generator``; ``TrainDataset`` derives it
@@ -28,11 +37,13 @@ import torch
 
 from . import _cv
 
-__all__ = ["MEAN", "STD", "TrainTransform", "TestTransform", "TrainDataset", "EpochSampler",
-           "sample_rng", "normalize", "photometric_distortion"]
+__all__ = ["MEAN", "STD", "LABEL_RESIZE", "TrainTransform", "TestTransform", "TrainDataset",
+           "EpochSampler", "sample_rng", "normalize", "photometric_distortion"]
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
+# the label resizes TrainTransform offers (module docstring), default first
+LABEL_RESIZE = ("centre", "mmseg")
 
 
 def sample_rng(seed, epoch, index):
@@ -82,11 +93,14 @@ class TrainTransform:
     """mmseg's training pipeline for one (image, label) pair; see the module docstring.
 
     crop_size: (h, w); img_scale: the config's scale tuple (only its long and short side
-    matter, as in mmcv). Call with (img uint8 HxWx3 RGB, label uint8 HxW, rng).
+    matter, as in mmcv); label_resize: 'centre' (labels on the image's pixel grid) or 'mmseg'
+    (bit for bit mmseg, with its half-pixel label offset). Call with (img uint8 HxWx3 RGB,
+    label uint8 HxW, rng).
     """
 
     def __init__(self, crop_size, img_scale, ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
-                 flip_prob=0.5, photometric=True, ignore_index=255, mean=MEAN, std=STD):
+                 flip_prob=0.5, photometric=True, ignore_index=255, mean=MEAN, std=STD,
+                 label_resize="centre"):
         if isinstance(crop_size, int):
             crop_size = (crop_size, crop_size)
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
@@ -99,14 +113,26 @@ class TrainTransform:
         self.photometric = photometric
         self.ignore_index = ignore_index
         self.mean, self.std = mean, std
+        if label_resize not in LABEL_RESIZE:
+            raise ValueError(f"label_resize must be one of {', '.join(map(repr, LABEL_RESIZE))}, "
+                             f"got {label_resize!r}")
+        self.label_resize = label_resize
 
-    def _label_window(self, label, new_w, new_h, box):
+    def _nearest_maps(self, label, new_w, new_h):
+        """Source row and column of every pixel of the label resized to (new_w, new_h)."""
+        h, w = label.shape
+        centre = self.label_resize == "centre"
+        return _cv.nearest_index(h, new_h, centre), _cv.nearest_index(w, new_w, centre)
+
+    @staticmethod
+    def _label_window(label, maps, box):
+        rows, cols = maps
         y0, y1, x0, x1 = box
-        return _cv.resize_nearest_window(label, new_w, new_h, y0, min(y1, new_h), x0,
-                                         min(x1, new_w))
+        return label[rows[y0:y1, None], cols[None, x0:x1]]
 
-    def _crop_box(self, label, new_w, new_h, rng):
+    def _crop_box(self, label, new_w, new_h, rng, maps=None):
         ch, cw = self.crop_size
+        maps = maps or self._nearest_maps(label, new_w, new_h)
 
         def draw():
             oy = rng.integers(0, max(new_h - ch, 0) + 1)
@@ -116,7 +142,7 @@ class TrainTransform:
         box = draw()
         if self.cat_max_ratio < 1.0:
             for _ in range(10):
-                seg = self._label_window(label, new_w, new_h, box)
+                seg = self._label_window(label, maps, box)
                 counts = np.bincount(seg.ravel(), minlength=256)
                 if self.ignore_index is not None and self.ignore_index < len(counts):
                     counts[self.ignore_index] = 0
@@ -139,10 +165,11 @@ class TrainTransform:
         ratio = rng.random() * (hi - lo) + lo
         scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
         new_w, new_h, _ = _cv.rescale_size(w, h, scale)
-        box = self._crop_box(label, new_w, new_h, rng)
+        maps = self._nearest_maps(label, new_w, new_h)
+        box = self._crop_box(label, new_w, new_h, rng, maps)
         y0, y1, x0, x1 = box[0], min(box[1], new_h), box[2], min(box[3], new_w)
         im = _cv.resize_linear_window(img, new_w, new_h, y0, y1, x0, x1)
-        seg = _cv.resize_nearest_window(label, new_w, new_h, y0, y1, x0, x1)
+        seg = self._label_window(label, maps, box)
         if rng.random() < self.flip_prob:
             im, seg = im[:, ::-1], seg[:, ::-1]
         im = np.ascontiguousarray(im)
@@ -161,7 +188,8 @@ class TrainTransform:
 
 
 class TestTransform:
-    """Test-time transform: normalise only (the test resize is the identity, SPEC §1)."""
+    """Test-time transform: normalise only (the configs' test resize leaves each dataset's images
+    at their own size)."""
 
     def __init__(self, mean=MEAN, std=STD):
         self.mean, self.std = mean, std

@@ -91,6 +91,9 @@ def _data(dataset, data_root, img_scale, image_size, crop, num_train, num_val):
             "crop_size": (crop, crop), "ratio_range": (0.5, 2.0), "cat_max_ratio": 0.75,
             "flip_prob": 0.5, "photometric_distortion": True,
             "mean": MEAN, "std": STD, "pad_val": 0, "seg_pad_val": 255, "ignore_index": 255,
+            # labels resized on the image's pixel grid; 'mmseg' = mmseg's pipeline bit for bit,
+            # including its half-pixel label offset (fastunet.data.transforms)
+            "label_resize": "centre",
             "num_train": num_train, "num_val": num_val}
 
 
@@ -116,15 +119,13 @@ def _synthetic():
     # The default of `python -m fastunet.train`: the published FCN recipe scaled down to finish
     # on a 2-core CPU in minutes (data generation, training, two evaluations included).
     # - data: fastunet's built-in synthetic fundus images at DRIVE's size (584 x 565, vessel masks
-    #   and FOV masks), 20 training / 5 validation images, DRIVE's pipeline and 64x64 crops;
-    #   green-channel threshold baseline on this set: vessel Dice ~28;
+    #   and FOV masks), 20 training / 5 validation images, DRIVE's pipeline and 64x64 crops with
+    #   the labels on the image's pixel grid (the default label_resize);
     # - model: UNet-S5-D16 + FCN head at a quarter of the width (base_channels=16: 1.8M
     #   parameters, 1/16 of the FLOPs), evaluated like DRIVE (slide, 64x64 windows, stride 42);
-    # - schedule: SGD + poly as published, but batch 8, lr 0.05, 1500 iterations, evaluation and
-    #   checkpoint every 750. Measured (2-core CPU shared with other jobs, load average 3-4):
-    #   5 min 40 s in all, vessel Dice 73.6 at 750 and 75.1 at 1500 iterations. Shorter tries:
-    #   1200 iterations reached 71.9 and 2000 iterations 74.3 with lr 0.05 (2000: 11 min under a
-    #   load average of 6).
+    # - schedule: SGD + poly as published, but batch 4, lr 0.1, 3000 iterations, evaluation and
+    #   checkpoint every 1500: the best of the batch / lr / length settings tried on the
+    #   validation set within the same training time (docs/recipe.md).
     model = {"type": "EncoderDecoder", "backbone": _backbone(base_channels=16),
              "decode_head": _decode_head("fcn", base_channels=16, channels=16),
              "auxiliary_head": _auxiliary_head(base_channels=16, channels=16),
@@ -132,7 +133,7 @@ def _synthetic():
     data = _data("synthetic", None, (584, 565), (584, 565), 64, 20, 5)
     data["synthetic_seed"] = 0  # selects the generated image set (SyntheticVessels seed)
     return {"name": "synthetic", "model": model, "data": data,
-            "train": _train(max_iters=1500, batch_size=8, lr=0.05, interval=750)}
+            "train": _train(max_iters=3000, batch_size=4, lr=0.1, interval=1500)}
 
 
 def _registry():

@@ -107,8 +107,10 @@ class DiceLoss(nn.Module):
         num_classes = pred.shape[1]
         prob = F.softmax(pred, dim=1).flatten(2)                      # (N, C, HW)
         valid = (target != self.ignore_index).flatten(1).unsqueeze(1)  # (N, 1, HW)
-        onehot = F.one_hot(target.clamp(0, num_classes - 1).long(), num_classes)
-        onehot = onehot.flatten(1, 2).transpose(1, 2).to(prob.dtype)  # (N, C, HW)
+        # one-hot by comparison: F.one_hot reads the label range back to the host on the CPU
+        classes = torch.arange(num_classes, device=target.device).view(1, -1, 1)
+        onehot = (target.clamp(0, num_classes - 1).flatten(1).unsqueeze(1) == classes).to(
+            prob.dtype)                                                # (N, C, HW)
         prob, onehot = prob * valid, onehot * valid
         num = 2 * (prob * onehot).sum(-1) + self.smooth
         den = prob.pow(self.exponent).sum(-1) + onehot.pow(self.exponent).sum(-1) + self.smooth

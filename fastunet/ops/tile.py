@@ -1,7 +1,7 @@
 """Sliding-window tile ops: typed wrappers, fake (meta) kernels and autograd.
 
-``tile_extract`` cuts the SPEC §1 window grid out of images; ``tile_aggregate`` puts window
-outputs back, averaging where windows overlap. Each is the other's adjoint, so each one's
+``tile_extract`` cuts mmseg's window grid (``tile_reference.window_starts``) out of images;
+``tile_aggregate`` puts window outputs back, averaging where windows overlap. Each is the other's adjoint, so each one's
 backward is the other op (double backward works too). Without the native library the wrappers
 run ``tile_reference``.
 """
@@ -38,16 +38,11 @@ def tile_aggregate(tiles, batch, height, width, stride, weight=None, normalize=T
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if out is not None:
-        _check_out(out, tiles, weight, batch, height, width, epilogue)
+        _refuse_autograd(out, tiles, weight)
     if _native.use_native(tiles):
-        if out is not None:
-            if epilogue == "argmax":
-                torch.ops.fastunet.tile_aggregate_argmax_into(tiles, batch, height, width, sh, sw,
-                                                              weight, out=out)
-            else:
-                torch.ops.fastunet.tile_aggregate_into(tiles, batch, height, width, sh, sw,
-                                                       weight, normalize, epilogue == "softmax",
-                                                       out=out)
+        if out is not None:  # the op checks out against what the allocating form returns
+            torch.ops.fastunet.tile_aggregate_into(tiles, batch, height, width, sh, sw, weight,
+                                                   normalize, epilogue, out=out)
             return out
         if epilogue == "argmax":
             return torch.ops.fastunet.tile_aggregate_argmax(tiles, batch, height, width, sh, sw,
@@ -55,37 +50,49 @@ def tile_aggregate(tiles, batch, height, width, stride, weight=None, normalize=T
         return torch.ops.fastunet.tile_aggregate(tiles, batch, height, width, sh, sw, weight,
                                                  normalize, epilogue == "softmax")
     ref.check_grid(height, width, tiles.shape[-2], tiles.shape[-1], sh, sw)
+    if out is not None:
+        _check_reference_out(out, tiles, batch, height, width, epilogue)
     return ref.tile_aggregate(tiles, batch, height, width, sh, sw, weight, normalize, epilogue,
                               out=out)
 
 
-def _check_out(out, tiles, weight, batch, height, width, epilogue):
-    """out= must be what the allocating form returns (the kernels check it again, the
-    reference path only here); and it cannot carry gradients."""
+def _refuse_autograd(out, tiles, weight):
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a tensor or None, got {type(out).__name__}")
     if torch.is_grad_enabled() and (tiles.requires_grad or out.requires_grad
                                     or (weight is not None and weight.requires_grad)):
         raise RuntimeError("tile_aggregate(out=...) is not differentiable; call it without out= "
                            "(or under torch.no_grad()) when gradients are needed")
+
+
+def _out_problem(out, tiles, batch, height, width, epilogue):
+    """Why out= is not what tile_aggregate returns for these arguments (None when it is): the
+    reference path's check, and the fake kernel's."""
     if epilogue == "argmax":
         shape, dtype = (batch, height, width), torch.uint8
     else:
         shape, dtype = (batch, tiles.shape[1], height, width), tiles.dtype
     if out.device != tiles.device:
-        raise RuntimeError(f"tile_aggregate: out is on {out.device} but the tiles are on "
-                           f"{tiles.device}; pass an out on the tiles' device")
+        return (f"out is on {out.device} but the tiles are on {tiles.device}; pass an out on "
+                "the tiles' device")
     if out.dtype != dtype:
-        raise RuntimeError(f"tile_aggregate: out must be {dtype}, got {out.dtype}")
+        return f"out must be {dtype}, got {out.dtype}"
     if tuple(out.shape) != shape:
-        raise RuntimeError(f"tile_aggregate: out must have shape {shape}, got {tuple(out.shape)}")
+        return f"out must have shape {shape}, got {tuple(out.shape)}"
     if not out.is_contiguous():
-        raise RuntimeError(f"tile_aggregate: out must be contiguous (NCHW), got strides "
-                           f"{out.stride()}; pass a fresh tensor or a .contiguous() one")
+        return (f"out must be contiguous (NCHW), got strides {out.stride()}; pass a fresh "
+                "tensor or a .contiguous() one")
+    return None
+
+
+def _check_reference_out(out, tiles, batch, height, width, epilogue):
+    problem = _out_problem(out, tiles, batch, height, width, epilogue)
+    if problem:
+        raise RuntimeError(f"tile_aggregate: {problem}")
 
 
 def tile_extract(image, tile_size, stride, weight=None, normalize=False):
-    """Cut (N, C, H, W) images into (N * grid_h * grid_w, C, th, tw) windows (SPEC §1 grid).
+    """Cut (N, C, H, W) images into (N * grid_h * grid_w, C, th, tw) windows (mmseg's grid).
 
     With weight/normalize it is the exact adjoint of tile_aggregate with the same arguments.
     """
@@ -122,19 +129,13 @@ if _native.LOADED:
 
     @torch.library.register_fake("fastunet::tile_aggregate_into")
     def _tile_aggregate_into_fake(tiles, batch, height, width, stride_h, stride_w, weight=None,
-                                  normalize=True, softmax=False, *, out):
+                                  normalize=True, epilogue="none", *, out):
         _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w)
-        torch._check(tuple(out.shape) == (batch, tiles.shape[1], height, width)
-                     and out.dtype == tiles.dtype, lambda: "out must be (batch, C, height, "
-                     "width) in the tiles' dtype")
-
-    @torch.library.register_fake("fastunet::tile_aggregate_argmax_into")
-    def _tile_aggregate_argmax_into_fake(tiles, batch, height, width, stride_h, stride_w,
-                                         weight=None, *, out):
-        _check_aggregate_args(tiles, batch, height, width, stride_h, stride_w)
-        torch._check(1 <= tiles.shape[1] <= 256, lambda: "argmax needs 1 to 256 channels")
-        torch._check(tuple(out.shape) == (batch, height, width) and out.dtype == torch.uint8,
-                     lambda: "out must be uint8 (batch, height, width)")
+        torch._check(epilogue in EPILOGUES, lambda: f"epilogue must be one of {EPILOGUES}")
+        if epilogue == "argmax":
+            torch._check(1 <= tiles.shape[1] <= 256, lambda: "argmax needs 1 to 256 channels")
+        problem = _out_problem(out, tiles, batch, height, width, epilogue)
+        torch._check(problem is None, lambda: f"tile_aggregate: {problem}")
 
     @torch.library.register_fake("fastunet::tile_extract")
     def _tile_extract_fake(image, tile_h, tile_w, stride_h, stride_w, weight=None,

@@ -1,8 +1,10 @@
 """Command-line plumbing shared by ``fastunet.train`` and ``fastunet.test``: configs, errors."""
 import math
 import os
+import sys
 
 from .._cli import fail  # noqa: F401  (train and test import the one error printer from here)
+from ..data.transforms import LABEL_RESIZE
 from ..models.config_files import ConfigFileError
 from ..models.configs import ConfigKeyError, apply_overrides, get_config
 
@@ -93,6 +95,7 @@ _DATA_CHECKS = {
              and all(_number(x) for x in v), "three numbers"),
     "std": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3
             and all(_number(x) and x > 0 for x in v), "three positive numbers"),
+    "label_resize": (lambda v: v in LABEL_RESIZE, " or ".join(map(repr, LABEL_RESIZE))),
 }
 
 

@@ -17,8 +17,8 @@ from ..data import EpochSampler, TrainDataset, TrainTransform, build_dataset
 from ..data.datasets import DATASETS
 from .distributed import ShardedSampler
 
-__all__ = ["dataset_key", "check_data_root", "build_split", "train_transform", "build_train_loader",
-           "DataRootError"]
+__all__ = ["dataset_key", "check_data_root", "build_split", "train_transform",
+           "build_train_loader", "collate_channels_last", "DataRootError"]
 
 _CONVERT_HINT = {
     "drive": "python -m fastunet.convert drive training.zip test.zip -o {root}",
@@ -92,7 +92,8 @@ def build_split(data_cfg, split, data_root=None):
 
 
 def train_transform(data_cfg):
-    """mmseg's training pipeline with the config's crop, scale and augmentation settings."""
+    """mmseg's training pipeline with the config's crop, scale, augmentation and label resize
+    settings (ValueError for a label_resize it does not know)."""
     return TrainTransform(
         crop_size=tuple(data_cfg["crop_size"]), img_scale=tuple(data_cfg["img_scale"]),
         ratio_range=tuple(data_cfg.get("ratio_range", (0.5, 2.0))),
@@ -101,7 +102,8 @@ def train_transform(data_cfg):
         photometric=data_cfg.get("photometric_distortion", True),
         ignore_index=data_cfg.get("ignore_index", 255),
         mean=tuple(data_cfg.get("mean", (123.675, 116.28, 103.53))),
-        std=tuple(data_cfg.get("std", (58.395, 57.12, 57.375))))
+        std=tuple(data_cfg.get("std", (58.395, 57.12, 57.375))),
+        label_resize=data_cfg.get("label_resize", "centre"))
 
 
 def _seed_worker(worker_id):
@@ -113,16 +115,31 @@ def _seed_worker(worker_id):
     torch.set_num_threads(1)  # workers share the cores with the model
 
 
+def collate_channels_last(samples):
+    """(images, labels) batch of (image, label) samples with the images in channels_last, the
+    layout the model trains in: one copy here (in the loader's worker) instead of two."""
+    images, labels = zip(*samples)
+    batch = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype,
+                        memory_format=torch.channels_last)
+    for out, image in zip(batch, images):
+        out.copy_(image)
+    return batch, torch.stack(labels)
+
+
 def build_train_loader(dataset, data_cfg, batch_per_rank, total_batch, seed, start_iter,
-                       rank=0, world_size=1, workers=2, pin_memory=False, generator=None):
+                       rank=0, world_size=1, workers=2, pin_memory=False, generator=None,
+                       channels_last=False):
     """Endless DataLoader of (images, labels) batches; iteration i (every rank together) holds
-    the global samples i·total_batch .. (i+1)·total_batch - 1 of the seeded epoch order."""
+    the global samples i·total_batch .. (i+1)·total_batch - 1 of the seeded epoch order.
+    ``channels_last``: image batches in that memory format (same values)."""
     train = TrainDataset(dataset, train_transform(data_cfg), seed=seed)
     sampler = ShardedSampler(EpochSampler(len(train), seed=seed, start=start_iter * total_batch),
                              rank, world_size)
     kwargs = {}
     if workers > 0:
         kwargs = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=_seed_worker)
+    if channels_last:
+        kwargs["collate_fn"] = collate_channels_last
     return torch.utils.data.DataLoader(train, batch_size=batch_per_rank, sampler=sampler,
                                        num_workers=workers, pin_memory=pin_memory,
                                        drop_last=True, generator=generator, **kwargs)

@@ -1,6 +1,6 @@
-"""The published optimiser and learning-rate schedule: SGD on all parameters, poly decay per iteration.
+"""The published optimiser and learning-rate schedule: SGD on all parameters, poly decay.
 
-mmseg's recipe for every UNet-S5-D16 config (SPEC §1)::
+mmseg's recipe for every UNet-S5-D16 config (its ``schedule_40k``)::
 
     SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)        # all parameters, BN and biases included
     lr(it) = (0.01 - 1e-4) * (1 - it / 40000) ** 0.9 + 1e-4   for it = 0 .. 39999
@@ -10,7 +10,7 @@ mmseg's recipe for every UNet-S5-D16 config (SPEC §1)::
 """
 import torch
 
-__all__ = ["poly_lr", "PolyLR", "build_optimizer"]
+__all__ = ["poly_lr", "PolyLR", "build_optimizer", "load_optimizer_state"]
 
 
 def poly_lr(iteration, max_iters, base_lr=0.01, min_lr=1e-4, power=0.9):
@@ -36,16 +36,40 @@ class PolyLR:
         return poly_lr(iteration, self.max_iters, self.base_lr, self.min_lr, self.power)
 
     def step(self, iteration):
-        """Set the rate for update ``iteration`` on all parameter groups; returns it."""
+        """Set the rate for update ``iteration`` on all parameter groups; returns it. A rate
+        held in a tensor (a captured optimizer's) is filled in place, without a host sync."""
         lr = self.lr_at(iteration)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
 
-def build_optimizer(model, train_cfg):
-    """SGD with the config's lr, momentum and weight decay on all trainable parameters."""
+def build_optimizer(model, train_cfg, capturable=False):
+    """SGD with the config's lr, momentum and weight decay on all trainable parameters.
+
+    capturable: PyTorch's fused SGD kernel reading the learning rate from a tensor on the
+    parameters' device, so that a step never synchronises with the host and can be captured in a
+    CUDA graph (the foreach SGD would read a tensor rate with ``.item()``).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=float(train_cfg["lr"]),
+    lr = float(train_cfg["lr"])
+    options = {}
+    if capturable:
+        options = dict(lr=torch.tensor(lr, device=params[0].device), fused=True)
+    return torch.optim.SGD(params, **{"lr": lr, **options},
                            momentum=float(train_cfg.get("momentum", 0.9)),
                            weight_decay=float(train_cfg.get("weight_decay", 5e-4)))
+
+
+def load_optimizer_state(optimizer, state_dict):
+    """``optimizer.load_state_dict`` keeping this run's own kind of step: the saved momentum
+    buffers, momentum and weight decay, but the learning-rate holder and the fused/foreach
+    choice of ``optimizer`` (a checkpoint of a captured run resumes eagerly, and back)."""
+    own = [{k: g[k] for k in ("lr", "fused", "foreach") if k in g}
+           for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, options in zip(optimizer.param_groups, own):
+        group.update(options)

@@ -235,6 +235,12 @@ _GROUP_RANGES = {"lr": (0, math.inf), "momentum": (0, 1), "dampening": (0, 1),
                  "weight_decay": (0, math.inf)}
 
 
+# a captured run holds the learning rate in a tensor and may choose fused/foreach differently;
+# resuming keeps this run's own (schedule.load_optimizer_state), so the saved ones only need a
+# sane type: a number (0-D or one-element tensor) and None/bool
+_OWN_KIND_OF_STEP = {"lr": 0.0, "fused": None, "foreach": None}
+
+
 def _check_optimizer(saved, optimizer):
     current = optimizer.state_dict()
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
@@ -249,6 +255,9 @@ def _check_optimizer(saved, optimizer):
     for i, (g, c) in enumerate(zip(groups, current["param_groups"])):
         for key, value in g.items():
             want = c.get(key)
+            if key in _OWN_KIND_OF_STEP:  # kept from this run's optimizer, not the checkpoint's
+                want = _OWN_KIND_OF_STEP[key]
+                value = value.item() if torch.is_tensor(value) and value.numel() == 1 else value
             lo, hi = _GROUP_RANGES.get(key, (-math.inf, math.inf))
             ok = (key == "params" or (isinstance(want, bool) and isinstance(value, bool))
                   or (want is None and (value is None or isinstance(value, bool)))
