@@ -134,6 +134,8 @@ def make_extension():
 
 setup(
     packages=find_packages(include=["fastunet", "fastunet.*"]),
+    # the shipped weights and their record (fastunet/weights/__init__.py)
+    package_data={"fastunet.weights": ["synthetic.pt", "synthetic.json"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

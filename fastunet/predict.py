@@ -8,10 +8,11 @@
 Without --checkpoint it uses the weights that ship with fastunet (trained on synthetic fundus
 images only: plausible vessels on real photographs, not accurate ones; fine-tune them on
 annotated real images for accuracy) and says so once. A checkpoint carries its config, so
---config is only needed for checkpoints without one (bare state_dicts, some mmseg files). With
---fov-scale auto (default), photos are rescaled so that their field of view has the diameter of
-the checkpoint's training images, when the checkpoint records it (the shipped weights do), and
-the results brought back to the photo's size (fastunet.inference.fov).
+--config is only needed for checkpoints without one (bare state_dicts, some mmseg files).
+--fov-diameter auto (default) rescales each photo so that its field of view (the bright disc on
+the dark border) is as wide as the training images' when the checkpoint records their width (the
+shipped weights do; others are segmented at their own scale), and brings the results back to the
+photo's size (fastunet.inference.fov); --fov-diameter N rescales to N pixels, off never.
 
 For each image NAME.EXT it writes NAME_mask.png (vessels 255, background 0), NAME_overlay.png
 (the vessels tinted green over the image) and, with --save-probs, NAME_prob.png (vessel
@@ -199,12 +200,12 @@ def build_parser():
                         "text carry it)")
     p.add_argument("--out-dir", default="predictions",
                    help="folder for the output PNGs (created; default: predictions)")
-    p.add_argument("--fov-scale", choices=("auto", "off"), default="auto",
-                   help="auto (default): rescale each photo so that its field of view (the bright "
-                        "disc, found on the red channel) has the diameter of the checkpoint's "
-                        "training images, when the checkpoint records it (the shipped weights "
-                        "do), and bring the results back to the photo's size; off: segment "
-                        "photos at their own scale")
+    p.add_argument("--fov-diameter", type=_fov_diameter, default="auto", metavar="auto|off|N",
+                   help="rescale each photo so that its field of view (the bright disc on the "
+                        "dark border) is this many pixels across, and the results back to the "
+                        "photo's size: auto (default) = the training images' diameter when the "
+                        "checkpoint records it (the shipped weights do: about 540, DRIVE's), "
+                        "else no rescaling; off = segment photos at their own scale")
     p.add_argument("--save-probs", action="store_true",
                    help="also write NAME_prob.png: the vessel probability scaled to 0..255")
     p.add_argument("--no-overlay", action="store_true", help="do not write NAME_overlay.png")
@@ -307,22 +308,30 @@ def _build_predictor(args, Predictor):
     options = dict(device=args.device, precision=args.precision, mode=args.mode,
                    window_batch=args.window_batch, tta=None if args.tta == "none" else args.tta,
                    gaussian=args.gaussian, tile_size=args.tile_size, margin=args.margin,
-                   fov_diameter="auto" if args.fov_scale == "auto" else None)
-    if args.checkpoint is None:
-        predictor = Predictor.pretrained(**options)
-        from .weights import PRETRAINED
-
-        print(f"{PROG}: using fastunet's pretrained weights ({PRETRAINED}): trained on synthetic "
-              f"fundus images only, so expect plausible vessels, not accurate ones; fine-tune "
-              f"them on annotated real photos for accuracy (python -m fastunet.train "
-              f"--load-from ...)", file=sys.stderr)
-    else:
-        predictor = Predictor(args.config, args.checkpoint, **options)
-    if predictor.fov_diameter is not None:
-        print(f"{PROG}: photos are rescaled so that their field of view is "
-              f"{predictor.fov_diameter:.0f} pixels across, as in the training images "
-              f"(--fov-scale off to keep their size)", file=sys.stderr)
+                   fov_diameter=args.fov_diameter)
+    if args.checkpoint is not None:
+        return Predictor(args.config, args.checkpoint, **options)
+    predictor = Predictor.pretrained(**options)
+    if not args.quiet:
+        rescale = (f"; photos rescaled to a field of view {predictor.fov_diameter:.0f} pixels "
+                   f"across" if predictor.fov_diameter else "")
+        print(f"{PROG}: using fastunet's pretrained weights (trained on synthetic images only: "
+              f"fine-tune on annotated photos for accuracy){rescale}", file=sys.stderr)
     return predictor
+
+
+def _fov_diameter(text):
+    """--fov-diameter's value: 'auto', None for 'off', or a number of pixels."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 16 <= value <= 100000:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a diameter in pixels (16 to 100000), "
+                                f"got {text!r}")
+    return value
 
 
 def _write_outputs(args, out, rgb, labels, probs):

@@ -134,6 +134,19 @@ def test_auto_precision_is_bf16_where_the_cpu_has_it(checkpoint, image, monkeypa
     assert engine.resolve_precision("auto", "cuda") == "fp32"  # CUDA keeps fp32 by default
 
 
+def test_the_config_comes_from_the_checkpoint(checkpoint, image, tmp_path):
+    path, model = checkpoint
+    expected = Predictor(CONFIG, path, device="cpu").predict(image)
+    from_file = Predictor(checkpoint=path, device="cpu")
+    assert from_file.config == fastunet.get_config(CONFIG)
+    assert np.array_equal(from_file.predict(image), expected)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match=r"holds no config.*config="):
+        Predictor(checkpoint=tmp_path / "bare.pth", device="cpu")
+    with pytest.raises(ValueError, match="give a checkpoint"):
+        Predictor(device="cpu")
+
+
 def test_bad_arguments(checkpoint):
     with pytest.raises(ValueError, match="precision"):
         Predictor(CONFIG, checkpoint[0], device="cpu", precision="fp8")

@@ -164,6 +164,24 @@ def test_synthetic_needs_no_data_root(tmp_path, monkeypatch, capsys):
     assert "2 validation images" in capsys.readouterr().out
 
 
+def test_the_config_comes_from_the_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTUNET_CACHE", str(tmp_path / "cache"))
+    opts = [*tiny_model(2), "data.image_size=(96,96)", "data.num_val=2", "data.num_train=1"]
+    cfg = fastunet.models.apply_overrides(fastunet.get_config("synthetic"), opts)
+    torch.manual_seed(0)
+    model = fastunet.build_segmentor(cfg)
+    fastunet.models.save_checkpoint(tmp_path / "s.pth", model, {"config": cfg})
+    assert test_cli.main(["--checkpoint", str(tmp_path / "s.pth")]) == 0
+    assert "2 validation images" in capsys.readouterr().out
+    assert test_cli.main(["--checkpoint", str(tmp_path / "s.pth"),
+                          "--cfg-options", "data.num_val=1"]) == 0
+    assert "1 validation images" in capsys.readouterr().out
+    fastunet.models.save_checkpoint(tmp_path / "bare.pth", model)  # no config stored
+    assert test_cli.main(["--checkpoint", str(tmp_path / "bare.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no config" in err and "--config" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config", "fcn_unet_s5-d16_64x64_40k_drive", "--data-root", "/nonexistent/DRIVE"],
      "does not exist"),

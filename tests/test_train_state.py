@@ -65,6 +65,57 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
 
+def test_a_training_checkpoint_loads_with_plain_torch_load(tmp_path):
+    cfg, model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.loss(torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32)))["decode.loss_ce"] \
+        .backward()
+    opt.step()
+    loader = torch.Generator().manual_seed(5)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # numpy holds a cached Gaussian: has_gauss and gauss stored too
+    path = state.save_training_checkpoint(tmp_path, model, opt, 1, {"config": cfg},
+                                          [state.rng_state(loader)])
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3),
+                torch.rand(2, generator=loader))
+    ckpt = torch.load(path, weights_only=True)  # no safe_globals: tensors and plain values only
+    assert ckpt["optimizer"]["state"] and ckpt["meta"]["config"] == cfg
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    loader.manual_seed(9)
+    state.set_rng_state(ckpt["rng"][0], loader)
+    got = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3),
+           torch.rand(2, generator=loader))
+    assert got[:2] == expected[:2]
+    assert torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+
+
+def test_an_older_checkpoints_numpy_state_still_restores(tmp_path):
+    """Checkpoints written before the states were stored as plain values held numpy's legacy
+    state tuple (with a uint32 array); they still resume."""
+    _, model = _model()
+    np.random.seed(4)
+    legacy = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    expected = np.random.rand(4).tolist()
+    torch.save({"meta": {"iteration": 1}, "state_dict": model.state_dict(), "optimizer": {},
+                "rng": [legacy]}, tmp_path / "old.pth")
+    np.random.seed(9)
+    state.set_rng_state(state.load_training_checkpoint(tmp_path / "old.pth")["rng"][0])
+    assert np.random.rand(4).tolist() == expected
+
+
+def test_save_checkpoint_refuses_what_plain_torch_load_cannot_read(tmp_path):
+    _, model = _model()
+    with pytest.raises(TypeError, match=r"meta\['when'\].*weights_only=True"):
+        fastunet.models.save_checkpoint(tmp_path / "x.pth", model, {"when": object()})
+    assert not os.path.exists(tmp_path / "x.pth")
+    fastunet.models.save_checkpoint(tmp_path / "y.pth", model,
+                                    {"n": np.int64(3), "a": np.arange(3), "t": (1, "x", None)})
+    meta = torch.load(tmp_path / "y.pth", weights_only=True)["meta"]
+    assert meta["n"] == 3 and type(meta["n"]) is int and torch.equal(meta["a"], torch.arange(3))
+    assert meta["t"] == (1, "x", None)
+
+
 def test_weights_only_checkpoint_cannot_resume(tmp_path):
     _, model = _model()
     fastunet.models.save_checkpoint(tmp_path / "w.pth", model)

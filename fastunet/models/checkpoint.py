@@ -234,7 +234,7 @@ NO_CONFIG_HINT = "name the config it was trained with (--config NAME or FILE; co
 
 def checkpoint_config(ckpt, path="checkpoint"):
     """The config a checkpoint (as :func:`read_checkpoint` returns it) was trained with, a fresh
-    dict: fastunet's ``meta['config']``, or the config text of an mmseg checkpoint (0.x:
+    dict: fastunet's ``meta['config']`` (a dict, or a config's name), or the config text of an mmseg checkpoint (0.x:
     ``meta['config']``, 1.x: ``meta['cfg']``) read as an mmseg ``.py`` config (parsed, never
     executed; named after the checkpoint file). A ValueError of one line when there is none or
     it cannot be read, saying to name the config."""
@@ -246,6 +246,13 @@ def checkpoint_config(ckpt, path="checkpoint"):
             cfg = copy.deepcopy(value)
             cfg.setdefault("name", meta.get("config_name") or _stem(path))
             return cfg
+        if isinstance(value, str) and "\n" not in value:  # a config's name
+            from .configs import get_config
+
+            try:
+                return get_config(value)
+            except KeyError:
+                continue
         if isinstance(value, str) and "model" in value:
             return _mmseg_config_text(value, path, key)
     what = (f"its meta[{found[0][0]!r}] is not a config" if found else
