@@ -106,7 +106,7 @@ def test_an_older_checkpoints_numpy_state_still_restores(tmp_path):
 
 def test_save_checkpoint_refuses_what_plain_torch_load_cannot_read(tmp_path):
     _, model = _model()
-    with pytest.raises(TypeError, match=r"meta\['when'\].*weights_only=True"):
+    with pytest.raises(TypeError, match=r"\['meta'\]\['when'\].*weights_only=True"):
         fastunet.models.save_checkpoint(tmp_path / "x.pth", model, {"when": object()})
     assert not os.path.exists(tmp_path / "x.pth")
     fastunet.models.save_checkpoint(tmp_path / "y.pth", model,
