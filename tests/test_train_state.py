@@ -21,12 +21,18 @@ def _model():
     return cfg, fastunet.build_segmentor(cfg)
 
 
-def test_checkpoint_files_copies_and_meta(tmp_path):
+def _trained_one_step():
+    """(config, model, SGD optimizer with momentum buffers) after one update."""
     cfg, model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.loss(torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32)))["decode.loss_ce"] \
         .backward()
     opt.step()
+    return cfg, model, opt
+
+
+def test_checkpoint_files_copies_and_meta(tmp_path):
+    cfg, model, opt = _trained_one_step()
     meta = {"config": cfg, "metrics": {"vessel_dice": 50.0}}
     p2 = state.save_training_checkpoint(tmp_path, model, opt, 2, meta, [state.rng_state()],
                                         best=True)
@@ -66,11 +72,7 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_a_training_checkpoint_loads_with_plain_torch_load(tmp_path):
-    cfg, model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.loss(torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32)))["decode.loss_ce"] \
-        .backward()
-    opt.step()
+    cfg, model, opt = _trained_one_step()
     loader = torch.Generator().manual_seed(5)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # numpy holds a cached Gaussian: has_gauss and gauss stored too

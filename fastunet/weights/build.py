@@ -31,12 +31,9 @@ METRICS = ("vessel_dice", "mDice", "mIoU", "aAcc")
 
 
 def sha256(path):
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
+    """The hex sha256 of a (weights-sized: a few MB) file."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def training_fov_diameter(cfg):
