@@ -104,6 +104,7 @@ def _auto_capture(device):
     return False
 
 
+# One add_argument per option with its help: a list to read, longer than 60 lines by nature.
 def build_parser():
     """The argument parser of ``python -m fastunet.train``."""
     p = ArgumentParser(
