@@ -22,7 +22,7 @@ from fastunet.ops import tile_reference as ref
 # benchmarks/ is on sys.path under pytest
 from _harness import best_of, interleaved_best  # noqa: E402
 
-# (name, H, W, window, stride): DRIVE and HRF grids of SPEC §1 with 2-class logits
+# (name, H, W, window, stride): the DRIVE and HRF grids of the mmseg configs, 2-class logits
 CASES = [("drive", 584, 565, 64, 42), ("hrf", 2336, 3504, 256, 170)]
 DEVICES = [pytest.param("cpu", id="cpu")]
 

@@ -14,6 +14,13 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 step() { echo "=== [+$(( $(date +%s) - T0 ))s] $*"; }
 
+# the peer cases (MONAI over the same network; the engine in bf16 beside it) need the bench extra:
+# without it they would be skipped and the run would look complete
+if ! "$PY" -c "import monai" 2>/dev/null; then
+  echo "run_cpu.sh: MONAI is missing (the peer benchmark): pip install -e '.[bench]'" >&2
+  exit 2
+fi
+
 step "machine"
 "$PY" benchmarks/_harness.py describe cpu | tee "$OUT/machine.json"
 

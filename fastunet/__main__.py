@@ -26,18 +26,16 @@ def _build_lines():
     return lines
 
 
-def _cpu_precision_lines():
-    """Which CPU precisions run fast here: fp32 always; bf16 where the CPU has AVX512-BF16/AMX."""
-    cpu = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
-    bf16 = (torch.backends.mkldnn.is_available()
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)()
-    avx512_bf16 = getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)()
-    native = "AMX" if amx else "AVX512-BF16" if avx512_bf16 else None
-    return [f"CPU precisions (vector ISA {cpu}): fp32 yes; bf16 "
-            + (f"yes (oneDNN, {native})" if bf16 and native
-               else "runs but slowly (no AVX512-BF16/AMX: emulated)" if bf16
-               else "no (oneDNN without bf16 here)")]
+def _cpu_precision_line():
+    """Which CPU inference precisions run fast here: fp32 always; bf16 where the CPU computes it
+    natively (the same test that makes bf16 the predict/Predictor default)."""
+    from fastunet.inference import cpu_has_native_bf16
+
+    isa = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    return (f"CPU inference precision (vector ISA {isa}): "
+            + ("fp32, and bf16 natively (AVX512-BF16/AMX): predict and Predictor default to "
+               "bf16, --precision fp32 for mmseg's exact numbers" if cpu_has_native_bf16()
+               else "fp32 (no native bf16 on this CPU: bf16 would be emulated, slower)"))
 
 
 def describe():
@@ -47,11 +45,7 @@ def describe():
     lines = _build_lines()
     ops = sorted(n for n in dir(torch.ops.fastunet) if not n.startswith("_") and n != "name")
     lines.append(f"ops: {', '.join('torch.ops.fastunet.' + o for o in ops) or 'none registered'}")
-    from fastunet.inference import cpu_has_native_bf16
-    lines.append("CPU inference precision: "
-                 + ("fp32, and bf16 natively (AVX512-BF16/AMX): predict and Predictor default "
-                    "to bf16, --precision fp32 for mmseg's exact numbers" if cpu_has_native_bf16()
-                    else "fp32 (no native bf16 on this CPU: bf16 would be emulated, slower)"))
+    lines.append(_cpu_precision_line())
     gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
            if torch.cuda.is_available() else "none visible")
     lines.append(f"GPU: {gpu}; CPU threads: {torch.get_num_threads()}")
@@ -62,7 +56,6 @@ def describe():
                     else "oneDNN (Winograd off: FASTUNET_WINOGRAD=0)" if fast
                     else "oneDNN (Winograd needs AVX-512; FASTUNET_CPU_ISA may cap it)"))
     lines += conv_plan.describe()
-    lines += _cpu_precision_lines()
     lines.append("switches: FASTUNET_* environment variables, docs/environment.md")
     lines.append("start here: python -m fastunet.train   (trains on built-in synthetic vessels)")
     lines.append("            python -m pytest           (runs the tests)   README.md has the rest")

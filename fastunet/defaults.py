@@ -46,7 +46,7 @@ class Default:
     evidence: tuple
 
 
-_CPU = "benchmarks/results/cpu-20261127/bench_cpu.json"
+_CPU = "benchmarks/results/cpu-20261207/bench_cpu.json"
 _GPU = "benchmarks/results/h100-20261127/bench_gpu.json"
 
 

@@ -104,6 +104,7 @@ def _auto_capture(device):
     return False
 
 
+# One add_argument per option with its help: a list to read, longer than 60 lines by nature.
 def build_parser():
     """The argument parser of ``python -m fastunet.train``."""
     p = ArgumentParser(
@@ -551,7 +552,7 @@ def _evaluate(job, run, model, val_set, train_fused, log):
     log.print(f"evaluation at iteration {run.iteration} ({len(val_set)} images, "
               f"{format_duration(secs)}): vessel Dice {m['vessel_dice']:.2f}  "
               f"mDice {m['mDice']:.2f}  mIoU {m['mIoU']:.2f}  aAcc {m['aAcc']:.2f}")
-    if m["vessel_dice"] <= run.best.get("vessel_dice", -math.inf):
+    if not m["vessel_dice"] > run.best.get("vessel_dice", -math.inf):  # NaN is never the best
         return False
     run.best.update(vessel_dice=m["vessel_dice"], iteration=run.iteration)
     return True

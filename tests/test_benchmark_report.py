@@ -126,3 +126,27 @@ def test_flop_counter_reproduces_published_figures():
     assert harness.window_flops(fcn, 256, 256) == pytest.approx(101e9, rel=0.01)
     # a DRIVE image in slide mode: 182 windows, 1.15 TFLOP
     assert 182 * harness.window_flops(fcn, 64, 64) == pytest.approx(1.15e12, rel=0.01)
+
+
+def test_peer_rows_show_monai_and_bf16(tmp_path):
+    results = tmp_path / "results"
+    cpu = "Test CPU (2 cores)"
+    _write_run(str(results / "cpu-1"), [
+        _bench("", dict(device=cpu, engine_s=3.0, monai32_s=3.3, speedup_vs_monai32=1.1,
+                        speedup_vs_monai_same_batch=0.95, monai_max_rel_difference=4e-6,
+                        bf16_speedup_vs_reference=3.25, bf16_speedup_vs_fp32=1.2,
+                        bf16_label_agreement=0.9997, speedup_vs_reference=2.8),
+               file="bench_inference.py", func="test_cpu_drive_slide_vs_peers"),
+        _bench("", dict(device=cpu, speedup_vs_monai=0.8, engine_peak_rss_growth_GiB=0.48,
+                        monai_peak_rss_growth_GiB=0.22),
+               file="bench_inference.py", func="test_cpu_hrf_slide_vs_monai")],
+        {"cpu": {"device": cpu, "date": "2030-01-02", "torch": "9.9"}})
+    short = report.readme_section(str(results))
+    assert "over the same fused network (batch 32), DRIVE, FCN, fp32 | Test CPU (2 cores) | " \
+           "1.10x faster |" in short
+    assert "bf16 (slide) vs mmseg's fp32 loop, DRIVE, FCN | Test CPU (2 cores) | 3.25x faster" \
+        in short
+    assert "HRF (quarter-width model), fp32 | Test CPU (2 cores) | 1.25x slower" in short
+    targets = report.performance_section(str(results)).split("## Targets")[1]
+    assert "| 1.10x MONAI, 2.80x mmseg | missed |" in targets
+    assert "| 3.25x (bf16 is 1.20x the fp32 engine here) | missed |" in targets

@@ -329,7 +329,7 @@ def test_cuda_matches_cpu_and_graphs_match_eager():
     close(streamed, expected, rtol=1e-4)
 
 
-# ---------------------------------------------------------------- bounded memory (issue 9)
+# ---------------------------------------------------------------- bounded memory
 
 @pytest.mark.parametrize("mode, size", [("overlap-tile", (5, 3)), ("overlap-tile", (1, 40)),
                                         ("overlap-tile", (70, 90)), ("slide", (50, 70)),

@@ -7,7 +7,7 @@ from fastunet.models.configs import list_aliases, resolve_name
 
 HEADS = ("fcn", "pspnet", "deeplabv3")
 TAGS = ("64x64_40k_drive", "128x128_40k_stare", "128x128_40k_chase_db1", "256x256_40k_hrf")
-# dataset -> (crop, stride, image H x W, img_scale, train/val counts) from SPEC §1 / mmseg
+# dataset -> (crop, stride, image H x W, img_scale, train/val counts) of the mmseg configs
 TABLE = {"drive": (64, 42, (584, 565), (584, 565), 20, 20),
          "stare": (128, 85, (605, 700), (605, 700), 10, 10),
          "chase_db1": (128, 85, (960, 999), (960, 999), 20, 8),

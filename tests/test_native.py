@@ -34,7 +34,7 @@ def test_python_m_fastunet_describes_build():
         assert "CPU 3x3 convolutions: oneDNN" in off
         assert "CPU 3x3 convolutions:" in out
         assert "1024->1024 @4x4" in out and "fastunet/conv_plan.py" in out  # the plan per layer
-        assert "CPU precisions" in out and "fp32 yes" in out
+        assert "CPU inference precision (vector ISA" in out and "fp32" in out
 
 
 def test_python_m_fastunet_help():

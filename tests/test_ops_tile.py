@@ -21,7 +21,9 @@ IDS = ["x".join(map(str, g)) for g in GRIDS]
 
 
 def spec_loop(image_fn, batch, channels, H, W, hc, wc, hs, ws, dtype=torch.float64):
-    """mmseg's slide_inference loop: crop, run, add, count, divide.
+    """mmseg's slide_inference loop: crop, run, add, count, divide. Written out from mmseg's
+    code, independently of tile_reference on purpose: it is the oracle the reference is
+    checked against.
 
     image_fn(y1, x1, y2, x2) -> window."""
     h_grids = max(H - hc + hs - 1, 0) // hs + 1

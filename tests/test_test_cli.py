@@ -78,19 +78,6 @@ def test_mmseg_checkpoint_scores_as_computed_by_hand(drive_root, tmp_path, capsy
     assert 0 < record["vessel_auc_max_error"] <= 50 and record["tta"] is None
 
 
-def test_tta_averages_flipped_predictions(drive_root, tmp_path, capsys):
-    out_json = tmp_path / "t.json"
-    assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
-                          drive_root, "--tta", "hv", "--json", str(out_json),
-                          "--cfg-options", *MMSEG_OVERRIDES]) == 0
-    assert "| TTA hv |" in capsys.readouterr().out
-    record = json.loads(out_json.read_text())
-    expected, _ = _expected(drive_root, False, tta="hv")
-    plain, _ = _expected(drive_root, False)
-    assert record["tta"] == "hv" and json.dumps(record["metrics"]) == json.dumps(expected)
-    assert expected["vessel_auc"] != plain["vessel_auc"]  # the flips changed the prediction
-
-
 def test_grayscale_images_warn_once(drive_root, tmp_path, capsys):
     gray_root = tmp_path / "DRIVE"
     import shutil
@@ -109,27 +96,29 @@ def test_grayscale_images_warn_once(drive_root, tmp_path, capsys):
     assert "grayscale" not in capsys.readouterr().err
 
 
-def test_precision_bf16_scores_the_bf16_predictions(drive_root, tmp_path, capsys):
-    out_json = tmp_path / "b.json"
+@pytest.mark.parametrize("option, value, key, expected_kwargs", [
+    ("--tta", "hv", "tta", dict(tta="hv")),
+    ("--precision", "bf16", "precision", dict(precision="bf16")),
+    ("--mode", "whole", "mode", dict(mode="whole")),
+], ids=["tta", "bf16", "whole"])
+def test_option_scores_what_it_names(option, value, key, expected_kwargs, drive_root, tmp_path,
+                                     capsys):
+    # the JSON's metrics are those of the evaluation the option asks for, computed independently
+    out_json = tmp_path / "r.json"
     assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
-                          drive_root, "--precision", "bf16", "--json", str(out_json),
+                          drive_root, option, value, "--json", str(out_json),
                           "--cfg-options", *MMSEG_OVERRIDES]) == 0
-    assert "precision bf16" in capsys.readouterr().out
+    header = capsys.readouterr().out.splitlines()[0]
     record = json.loads(out_json.read_text())
-    assert record["precision"] == "bf16"
-    expected, _ = _expected(drive_root, False, precision="bf16")
+    assert record[key] == value
+    expected, _ = _expected(drive_root, False, **expected_kwargs)
     assert json.dumps(record["metrics"]) == json.dumps(expected)
-
-
-def test_mode_whole(drive_root, tmp_path):
-    out_json = tmp_path / "w.json"
-    assert test_cli.main(["--config", MMSEG_CONFIG, "--checkpoint", MMSEG_CKPT, "--data-root",
-                          drive_root, "--mode", "whole", "--json", str(out_json),
-                          "--cfg-options", *MMSEG_OVERRIDES]) == 0
-    record = json.loads(out_json.read_text())
-    assert record["mode"] == "whole"
-    expected, _ = _expected(drive_root, False, mode="whole")
-    assert json.dumps(record["metrics"]) == json.dumps(expected)
+    plain, _ = _expected(drive_root, False)
+    if option == "--tta":
+        assert "| TTA hv |" in header
+        assert expected["vessel_auc"] != plain["vessel_auc"]  # the flips changed the prediction
+    elif option == "--precision":
+        assert "precision bf16" in header
 
 
 def test_mode_overlap_tile(drive_root, tmp_path):

@@ -166,3 +166,29 @@ def test_fused_auto_is_fused_for_full_width_backbones_on_cpu_only():
     assert train_fused_default(narrow, torch.device("cpu")) is False  # the plain modules
     assert train_fused_default(wide, torch.device("cpu")) is True  # the fused kernels
     assert train_fused_default(wide, torch.device("cuda")) is False  # committed GPU results
+
+
+def test_an_undefined_dice_is_never_the_best(monkeypatch, tmp_path):
+    # a model that predicts no vessel where there is none scores Dice NaN (0/0): it must not
+    # become "the best" (a resumed run would then refuse its own checkpoint's meta.best)
+    import types
+
+    import fastunet.train as train_mod
+
+    scores = iter([float("nan"), 10.0, float("nan")])
+
+    class Metric:
+        def compute(self):
+            return dict(vessel_dice=next(scores), mDice=0.0, mIoU=0.0, aAcc=0.0)
+
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: (Metric(), 0.0))
+    dist = types.SimpleNamespace(is_main=False, rank=0, world_size=1, device=torch.device("cpu"))
+    job = train_mod.Job({}, dist, str(tmp_path), 0, 3, 1)
+    log = types.SimpleNamespace(val=lambda *a: None, print=lambda *a: None)
+    run = train_mod.RunState()
+    model = torch.nn.Linear(1, 1)
+    verdicts = []
+    for it in (1, 2, 3):
+        run.iteration = it
+        verdicts.append(train_mod._evaluate(job, run, model, [], False, log))
+    assert verdicts == [False, True, False] and run.best == {"vessel_dice": 10.0, "iteration": 2}

@@ -9,7 +9,7 @@ from fastunet.training.schedule import PolyLR, build_optimizer, poly_lr
 
 
 def formula(it):
-    # SPEC §1: lr = (0.01 - 1e-4) * (1 - it / 40000) ** 0.9 + 1e-4
+    # mmseg's poly schedule: lr = (0.01 - 1e-4) * (1 - it / 40000) ** 0.9 + 1e-4
     return (0.01 - 1e-4) * (1 - it / 40000) ** 0.9 + 1e-4
 
 

@@ -2,11 +2,11 @@
 
 Runs only where mmseg is installed (not a fastunet dependency, not in CI), e.g. a scratch venv:
 
-    python3 -m venv /work/venv-mmseg && /work/venv-mmseg/bin/pip install torch==2.13.0 \
+    python3 -m venv venv-mmseg && venv-mmseg/bin/pip install torch==2.13.0 \
         mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
-    /work/venv-mmseg/bin/python tools/mmseg_parity.py                    # all checks
-    /work/venv-mmseg/bin/python tools/mmseg_parity.py --write-fixtures   # + tests/data/mmseg_*
-    /work/venv-mmseg/bin/python tools/mmseg_parity.py --small-slide      # quicker (~2 min)
+    venv-mmseg/bin/python tools/mmseg_parity.py                    # all checks
+    venv-mmseg/bin/python tools/mmseg_parity.py --write-fixtures   # + tests/data/mmseg_*
+    venv-mmseg/bin/python tools/mmseg_parity.py --small-slide      # quicker (~2 min)
 
 Checks, for the 24 mmseg configs under ``mmseg/.mim/configs/unet/`` (norm_cfg set to plain BN):
   1. state_dict keys, order and shapes equal fastunet's (its config found by the mmseg file name),

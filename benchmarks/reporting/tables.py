@@ -186,6 +186,7 @@ def ratio_rows(run, kind):
                          f"img/s (reference: {fig.get('reference_modules', 'fused')} "
                          "modules)",
                          command(fig["bench"])))
+    rows += _peer_rows(infos)
     for b, i in infos("bench_tile.py", "test_tile_aggregate"):
         case = (b.get("param") or "").split("-")[0].upper()
         rows.append((f"Tile aggregation vs mmseg's pad-and-add, {case} "
@@ -197,6 +198,32 @@ def ratio_rows(run, kind):
                      command(b)))
     if kind == "cuda":
         rows += gpu_ratio_rows(run)
+    return rows
+
+
+def _peer_rows(infos):
+    """What a user could assemble from peers: MONAI's sliding_window_inference over the same fused
+    network, and the engine in bf16 against mmseg's fp32 loop."""
+    rows = []
+    for b, i in infos("bench_inference.py", "test_cpu_drive_slide_vs_peers"):
+        rows.append(("Inference engine (slide, exact) vs MONAI's sliding_window_inference over "
+                     "the same fused network (batch 32), DRIVE, FCN, fp32",
+                     speed_ratio(i["speedup_vs_monai32"]),
+                     f"engine {num(i['engine_s'])} s, MONAI {num(i['monai32_s'])} s; at the "
+                     f"engine's batch {speed_ratio(i['speedup_vs_monai_same_batch'])}; outputs "
+                     f"agree to {num(i['monai_max_rel_difference'])} relative", command(b)))
+        if "bf16_speedup_vs_reference" in i:
+            rows.append(("Inference engine in bf16 (slide) vs mmseg's fp32 loop, DRIVE, FCN",
+                         speed_ratio(i["bf16_speedup_vs_reference"]),
+                         f"{speed_ratio(i['bf16_speedup_vs_fp32'])} than the fp32 engine; "
+                         f"labels agree with fp32 on {num(100 * i['bf16_label_agreement'])}% "
+                         "of pixels", command(b)))
+    for b, i in infos("bench_inference.py", "test_cpu_hrf_slide_vs_monai"):
+        rows.append(("Inference engine (slide, exact) vs MONAI's loop at the same batch, HRF "
+                     "(quarter-width model), fp32", speed_ratio(i["speedup_vs_monai"]),
+                     f"peak RSS growth {num(i['engine_peak_rss_growth_GiB'])} vs "
+                     f"{num(i['monai_peak_rss_growth_GiB'])} GiB (the engine holds all "
+                     "windows for one aggregation)", command(b)))
     return rows
 
 

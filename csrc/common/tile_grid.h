@@ -1,4 +1,4 @@
-// Window grid of sliding-window inference (SPEC §1), shared by the CPU and CUDA kernels.
+// Window grid of sliding-window inference (mmseg's slide mode), shared by the CPU and CUDA kernels.
 //
 // Along one axis of extent `size`, windows of extent `tile` (<= size) start at i*stride, except
 // that a window running past the end is moved back to end at the border:

@@ -18,9 +18,9 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
                             int64_t block = 0);
 
 // Whether this CPU and build run the Winograd products with their AVX-512 kernel (cpu/isa.h,
-// capped by FASTUNET_CPU_ISA): the AVX2/baseline builds multiply through at::bmm per tile block
-// and measured 7.5x and 76x slower than it (64->64 channels, 8 x 64x64, on a Zen4 capped with
-// FASTUNET_CPU_ISA), far behind oneDNN, so conv_plan.py dispatches Winograd only with it.
+// capped by FASTUNET_CPU_ISA): the AVX2/baseline builds multiply through at::bmm per tile block,
+// many times slower than it and far behind oneDNN (benchmarks/bench_winograd.py with
+// FASTUNET_CPU_ISA capped), so conv_plan.py dispatches Winograd only with it.
 bool winograd_has_fast_kernel();
 
 // Training's F(4x4,3x3) convolutions, no bias or activation, channels_last out, the weight

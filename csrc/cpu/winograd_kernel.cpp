@@ -172,7 +172,7 @@ Isa wino_isa() {
 //
 // workspace, when given, holds U (grown as needed, kept by the caller): a fresh allocation past
 // malloc's mmap threshold (32 MB: U of 512 x 512 channels is 37 MB) pays its page faults on every
-// call, measured at about 1 ms per MB on the 2-core VM.
+// call, a cost of the order of the transform itself.
 at::Tensor transform_weight(const at::Tensor& weight, int64_t tile, bool transposed_flipped,
                             at::Tensor* workspace = nullptr) {
   const at::Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;

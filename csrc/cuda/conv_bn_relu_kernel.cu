@@ -1,9 +1,9 @@
 // CUDA kernels of the fused Conv-BN-ReLU ops.
 //
 // Inference: conv_bias_relu runs ATen's convolution (cuDNN, bias included) and an in-place ReLU.
-// cuDNN's fused conv-bias-ReLU (at::cudnn_convolution_relu) measured 2.5-3.4x slower than the
-// convolution alone on an H100 (benchmarks/results/h100-20261127, fp16/bf16, both layouts), so it
-// is only tried when FASTUNET_CUDNN_FUSED_CONV=1, for re-measuring on other GPUs/cuDNN versions.
+// cuDNN's fused conv-bias-ReLU (at::cudnn_convolution_relu) was several times slower than the
+// convolution alone in the committed H100 run (benchmarks/results/h100-20261127, fp16/bf16, both
+// layouts), so it is only tried when FASTUNET_CUDNN_FUSED_CONV=1, for re-measuring elsewhere.
 // _bias_relu_ is the other candidate epilogue: the convolution without its bias, then one
 // vectorised in-place pass adding the bias and applying the ReLU (benchmarks/gpu_run.py measures
 // all three against the convolution alone).

@@ -263,8 +263,28 @@ def generate(seed=0, split="training", index=0, size=(584, 565), return_vessels=
         raise ValueError(f"synthetic images need at least 32x32 pixels, got {h}x{w}")
     rng = np.random.default_rng([GENERATOR_VERSION, int(seed), _SPLIT_CODE[split], int(index)])
     s = min(h, w) / 565.0  # DRIVE scale = 1: vessel widths and lesion sizes scale with the image
+    # the steps draw from one generator in this order: changing it changes every image
+    geom = _geometry(rng, h, w)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    rho = np.hypot(xx - geom["cx"], yy - geom["cy"])
+    fov = rho < geom["R"]
+    vessels = _vessel_tree(rng, geom, s)
+    label, absorb, reflex = _splat(vessels, h, w, fov)
+    chor = _choroid(rng, geom, s, h, w)
+    img = _background(rng, geom, s, xx, yy, chor)
+    # vessels: absorption strongest in green, weakest in red; light reflex on arteries
+    vessel_abs = absorb * (1.0 - reflex)
+    img *= 1.0 - vessel_abs[..., None] * np.array([0.22, 1.0, 0.75], np.float32)
+    img = _camera(rng, geom, s, img, xx, yy, rho)
+    out = dict(img=np.clip(np.rint(img), 0, 255).astype(np.uint8),
+               label=label.astype(np.uint8), fov=fov)
+    if return_vessels:
+        out["vessels"] = [(v.points, v.radii) for v in vessels]
+    return out
 
-    # geometry: FOV circle, optic disc, fovea
+
+def _geometry(rng, h, w):
+    """FOV circle (centre cx, cy, radius R), optic disc (dx, dy, radius rd), fovea (fx, fy)."""
     cx, cy = w / 2 + rng.normal(0, 0.01 * w), h / 2 + rng.normal(0, 0.01 * h)
     R = 0.5 * min(h, w) * rng.uniform(0.93, 0.97)
     side = 1 if rng.random() < 0.5 else -1  # disc on the right (+1) or left (-1)
@@ -273,15 +293,16 @@ def generate(seed=0, split="training", index=0, size=(584, 565), return_vessels=
     dy = cy + R * rng.normal(0, 0.06)
     fx = dx - side * 5.0 * rd * rng.uniform(0.9, 1.1)
     fy = dy + R * rng.normal(0.05, 0.04)
-    geom = dict(cx=cx, cy=cy, R=R, dx=dx, dy=dy, rd=rd, fx=fx, fy=fy, faz=0.55 * rd,
+    return dict(cx=cx, cy=cy, R=R, dx=dx, dy=dy, rd=rd, fx=fx, fy=fy, faz=0.55 * rd,
                 arc=rd * rng.uniform(3.6, 4.4))
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    rho = np.hypot(xx - cx, yy - cy)
-    fov = rho < R
 
-    # vessel network: arcades (temporal, around the fovea) and nasal trunks, artery + vein each
+
+def _vessel_tree(rng, geom, s):
+    """The labelled network: arcades (temporal, around the fovea) and nasal trunks, artery and
+    vein each, plus small vessels leaving the disc in any direction."""
+    dx, dy, rd = geom["dx"], geom["dy"], geom["rd"]
     grower = _TreeGrower(rng, geom, s)
-    temporal = math.atan2(fy - dy, fx - dx)
+    temporal = math.atan2(geom["fy"] - dy, geom["fx"] - dx)
     for up in (-1, 1):
         for artery in (False, True):
             r0 = (rng.uniform(3.5, 4.0) if not artery else rng.uniform(2.6, 3.1)) * s
@@ -292,15 +313,17 @@ def generate(seed=0, split="training", index=0, size=(584, 565), return_vessels=
             ang = temporal + math.pi + up * rng.uniform(0.4, 1.0)
             grower.grow(x0, y0, ang, r0 * rng.uniform(0.6, 0.8), 1, "radial", artery,
                         rng.uniform(0.42, 0.52) * (0.8 if artery else 1.0))
-    for _ in range(rng.integers(2, 5)):  # small vessels leaving the disc in any direction
+    for _ in range(rng.integers(2, 5)):
         ang = rng.uniform(0, 2 * math.pi)
         grower.grow(dx + 0.5 * rd * math.cos(ang), dy + 0.5 * rd * math.sin(ang), ang,
                     rng.uniform(1.0, 1.8) * s, 2, "radial", bool(rng.random() < 0.5),
                     rng.uniform(0.35, 0.5))
-    vessels = grower.vessels
-    label, absorb, reflex = _splat(vessels, h, w, fov)
+    return grower.vessels
 
-    # unlabelled choroidal vessels: wide, blurry, low contrast, mostly in red
+
+def _choroid(rng, geom, s, h, w):
+    """Unlabelled choroidal vessels: wide, blurry, low contrast (their absorption map)."""
+    cx, cy, R = geom["cx"], geom["cy"], geom["R"]
     chor_grower = _TreeGrower(rng, geom, s)
     for _ in range(rng.integers(4, 10)):
         ang, rad = rng.uniform(0, 2 * np.pi), R * np.sqrt(rng.uniform(0, 0.8))
@@ -308,16 +331,21 @@ def generate(seed=0, split="training", index=0, size=(584, 565), return_vessels=
                          rng.uniform(0, 2 * math.pi), rng.uniform(3.0, 6.0) * s, 4, "free",
                          False, rng.uniform(0.05, 0.14))
     _, chor, _ = _splat(chor_grower.vessels, h, w, np.ones((h, w), bool), every=3)
-    chor = _blur(chor, 2.5 * s)
+    return _blur(chor, 2.5 * s)
 
-    # background: fundus colour, pigment texture, macula, disc, lesions
+
+def _background(rng, geom, s, xx, yy, chor):
+    """The float RGB fundus without its vessels: colour, pigment texture, macula, disc,
+    choroid (mostly in red), lesions."""
+    h, w = xx.shape
+    rd = geom["rd"]
     base = np.array([rng.uniform(170, 220), rng.uniform(80, 115), rng.uniform(20, 45)], np.float32)
     texture = _fractal(rng, h, w, [90 * s, 40 * s, 16 * s, 6 * s], [0.05, 0.04, 0.03, 0.02])
     img = base[None, None, :] * (1.0 + texture[..., None] * np.array([0.8, 1.0, 1.2], np.float32))
-    df = np.hypot(xx - fx, yy - fy) / rd
+    df = np.hypot(xx - geom["fx"], yy - geom["fy"]) / rd
     macula = np.exp(-0.5 * (df / rng.uniform(1.1, 1.6)) ** 2) * rng.uniform(0.18, 0.35)
     img *= 1.0 - macula[..., None] * np.array([0.5, 1.0, 0.8], np.float32)
-    dd = np.hypot(xx - dx, yy - dy) / rd
+    dd = np.hypot(xx - geom["dx"], yy - geom["dy"]) / rd
     disc = np.clip((1.05 - dd) / 0.2, 0, 1) ** 1.5 + 0.6 * np.exp(-0.5 * (dd / 0.35) ** 2)
     img += disc[..., None] * np.array([rng.uniform(25, 50), rng.uniform(70, 110),
                                        rng.uniform(35, 60)], np.float32)
@@ -328,28 +356,23 @@ def generate(seed=0, split="training", index=0, size=(584, 565), return_vessels=
     bright = _blobs(rng, rng.poisson(5), h, w, geom, 1.5, 6.0, s)    # exudates, drusen
     bright = _blur(bright, 0.7 * s)
     img += bright[..., None] * np.array([35, rng.uniform(30, 60), 10], np.float32)
+    return img
 
-    # vessels: absorption strongest in green, weakest in red; light reflex on arteries
-    vessel_abs = absorb * (1.0 - reflex)
-    img *= 1.0 - vessel_abs[..., None] * np.array([0.22, 1.0, 0.75], np.float32)
 
-    # illumination: off-centre vignetting times a low-frequency field
+def _camera(rng, geom, s, img, xx, yy, rho):
+    """Illumination (off-centre vignetting times a low-frequency field), then optics and
+    sensor: blur, noise, the FOV's soft rim with black outside."""
+    h, w = xx.shape
+    cx, cy, R = geom["cx"], geom["cy"], geom["R"]
     vx, vy = cx + rng.normal(0, 0.15 * R), cy + rng.normal(0, 0.15 * R)
     vig = 1.0 - rng.uniform(0.3, 0.55) * (np.hypot(xx - vx, yy - vy) / R) ** rng.uniform(1.8, 3.0)
     illum = np.clip(vig, 0.15, None) * np.exp(0.2 * _smooth_field(rng, h, w, 220 * s))
     img *= illum[..., None] * rng.uniform(0.85, 1.15)
-
-    # optics and sensor: blur, noise, FOV, quantisation
     img = _blur(img, rng.uniform(0.6, 0.9) * s)
     img += rng.uniform(1.5, 3.5) * rng.standard_normal(img.shape, dtype=np.float32)
-    edge = np.clip((R - rho) / 3.0, 0, 1)  # a soft FOV rim, black outside
+    edge = np.clip((R - rho) / 3.0, 0, 1)
     outside = 3 * rng.random(img.shape, dtype=np.float32)
-    img = img * edge[..., None] + outside * (1 - edge[..., None])
-    out = dict(img=np.clip(np.rint(img), 0, 255).astype(np.uint8),
-               label=label.astype(np.uint8), fov=fov)
-    if return_vessels:
-        out["vessels"] = [(v.points, v.radii) for v in vessels]
-    return out
+    return img * edge[..., None] + outside * (1 - edge[..., None])
 
 
 # ---------------------------------------------------------------- green-channel baseline

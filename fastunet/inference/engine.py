@@ -190,9 +190,9 @@ class InferenceEngine:
     cuda_graphs: replay fn from a CUDA graph per window-batch shape (CUDA only; fn must be
         capturable: no host syncs; a failed capture warns and runs eagerly). None (default,
         "auto"): capture a shape when it comes back (a second image of the same size), so
-        one-off sizes pay nothing; True: capture at once; False: never. On an H100 it gave 1.6x
-        (DRIVE slide fp32) and 1.4-1.5x (overlap-tile / whole bf16); up to MAX_CUDA_GRAPHS are
-        kept, each holding its batch's activation memory.
+        one-off sizes pay nothing; True: capture at once; False: never (the replay saves the
+        host's per-kernel launch work; benchmarks/gpu_run.py measures it). Up to
+        MAX_CUDA_GRAPHS are kept, each holding its batch's activation memory.
     state_version: optional callable returning a hashable summary of the weights fn uses
         (e.g. parameter versions); captured CUDA graphs replay the weights of their capture, so
         they are dropped whenever it changes (the segmentor passes one).
@@ -521,15 +521,8 @@ class InferenceEngine:
         device = src.device
         window = (plan.y.window, plan.x.window)
         stride = (plan.y.stride, plan.x.stride)
-        results = []
-        for kind in outputs:
-            if kind == "labels":
-                shape, dtype = (n, height, width), torch.uint8
-            elif kind == "probs" and prob_class is not None:
-                shape, dtype = (n, height, width), torch.float32
-            else:
-                shape, dtype = (n, classes, height, width), torch.float32
-            results.append(torch.empty(shape, dtype=dtype, device=out_dev))
+        results = [_empty_output(kind, n, classes, height, width, prob_class, out_dev)
+                   for kind in outputs]
         if weight is None:  # coverage in closed form: window counts per row times per column
             cy, cx = axis_coverage(plan.y, device), axis_coverage(plan.x, device)
         carried = carried_w = None
@@ -573,6 +566,14 @@ class InferenceEngine:
             del part
         return results
 
+
+def _empty_output(kind, n, classes, height, width, prob_class, device):
+    """An uninitialised output of ``kind`` (see finish()) for n images of height x width."""
+    if kind == "labels":
+        return torch.empty((n, height, width), dtype=torch.uint8, device=device)
+    if kind == "probs" and prob_class is not None:
+        return torch.empty((n, height, width), dtype=torch.float32, device=device)
+    return torch.empty((n, classes, height, width), dtype=torch.float32, device=device)
 
 
 def _batches(total, batch, pad_last):

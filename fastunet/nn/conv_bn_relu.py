@@ -91,10 +91,6 @@ def _sync_group(bn):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def pack_for_onednn(weight, conv, x):
     """oneDNN-packed copy of a folded conv weight for CPU inference, or None if not applicable.
 
@@ -306,8 +302,8 @@ class ConvBNReLU(nn.Module):
         rm, rv = (bn.running_mean, bn.running_var) if update else (None, None)
         kh, kw = conv.kernel_size
         (sh, sw), (ph, pw), (dh, dw), groups = self._conv_args()
-        per_channel = (x.shape[0] * _out_size(x.shape[2], kh, sh, ph, dh)
-                       * _out_size(x.shape[3], kw, sw, pw, dw))
+        per_channel = (x.shape[0] * cbr.conv_out_size(x.shape[2], kh, sh, ph, dh)
+                       * cbr.conv_out_size(x.shape[3], kw, sw, pw, dw))
         if per_channel == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {[x.shape[0], conv.out_channels, 1, 1]}")

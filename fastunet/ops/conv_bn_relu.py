@@ -324,7 +324,8 @@ def conv_bn_relu_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_me
 # Fake kernels and autograd of the native ops
 
 
-def _conv_out_size(size, k, s, p, d):
+def conv_out_size(size, k, s, p, d):
+    """Output length of a convolution along one axis (kernel k, stride s, padding p, dilation d)."""
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
@@ -349,8 +350,8 @@ if _native.LOADED:
         torch._check(input.shape[1] == weight.shape[1] * groups,
                      lambda: "input channels must equal weight in-channels x groups")
         n, _, h, w = input.shape
-        oh = _conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
-        ow = _conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+        oh = conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+        ow = conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
         return _empty((n, weight.shape[0], oh, ow), input, ref.layout(input))
 
     @torch.library.register_fake("fastunet::_winograd_conv3x3")
