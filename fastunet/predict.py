@@ -236,7 +236,8 @@ def build_parser():
     p.add_argument("--margin", type=int, default=32,
                    help="overlap-tile: context margin in pixels cropped from each tile "
                         "(default 32)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, no note that the shipped weights are used")
     add_max_pixels_flag(p)
     add_deterministic_flag(p)
     return p
