@@ -163,6 +163,7 @@ def overlay(rgb, mask):
     return out
 
 
+# One add_argument per option with its help: a list to read, longer than 60 lines by nature.
 def build_parser():
     """The argument parser (``--help`` documents every option)."""
     from .inference.engine import MODES, PRECISIONS

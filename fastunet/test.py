@@ -99,26 +99,13 @@ def main(argv=None):
 
 def run_test(args):
     """Evaluate as ``args`` say; prints the tables and returns the metrics dict."""
-    from .atomic import atomic_write
     from .inference import resolve_precision
-    from .models import build_segmentor
-    from .models.checkpoint import load_state
     from .training import cli, data as tdata, distributed
     from .training.evaluation import evaluate
 
-    ckpt = None
-    if args.config is None:
-        ckpt = _read_checkpoint(args.checkpoint)
-        cfg = _checkpoint_config(ckpt, args.checkpoint, args.cfg_options)
-    else:
-        cfg = cli.load_config(args.config, args.cfg_options)
+    cfg, ckpt = _config_and_checkpoint(args)
     cli.check_device(args.device)
-    if args.json and os.path.isdir(args.json):
-        raise cli.UserError(f"--json {args.json} is a folder; give a file name")
-    if args.save_predictions and os.path.exists(args.save_predictions) and not os.path.isdir(
-            args.save_predictions):
-        raise cli.UserError(f"--save-predictions {args.save_predictions} exists and is not a "
-                            f"folder")
+    _check_output_paths(args)
     try:
         dist_info = distributed.init(args.device)
     except RuntimeError as e:
@@ -127,18 +114,9 @@ def run_test(args):
         val_set = _ColourCheck(tdata.build_split(cfg["data"], "validation", args.data_root))
     except (tdata.DataRootError, FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
-    if ckpt is None:
+    if ckpt is None:  # with --config, the data is checked before the checkpoint is read
         ckpt = _read_checkpoint(args.checkpoint)
-    try:
-        model = build_segmentor(cfg)
-    except (ValueError, TypeError, KeyError) as e:
-        raise cli.UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
-    try:
-        meta = load_state(model, ckpt, args.checkpoint)
-    except (ValueError, RuntimeError) as e:
-        raise cli.UserError(str(e).splitlines()[0]) from None
-    model.to(dist_info.device).eval()
-    model.to(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and GPU (cuDNN)
+    model, meta = _load_model(cfg, ckpt, args.checkpoint, dist_info.device)
     mode = args.mode or model.test_cfg.get("mode", "whole")
     tta = None if args.tta == "none" else args.tta
     precision = resolve_precision(args.precision, dist_info.device)
@@ -167,34 +145,89 @@ def run_test(args):
         raise cli.UserError(str(e).splitlines()[0]) from None
     metrics = metric.compute()
     if dist_info.is_main:
-        if val_set.grayscale:
-            from .inference.predictor import COLOUR_ADVICE
-
-            print(f"{PROG}: warning: {len(val_set.grayscale)} of the images scored here are "
-                  f"grayscale (e.g. {val_set.grayscale[0]}); {COLOUR_ADVICE}", file=sys.stderr,
-                  flush=True)
-        print(metric.table())
-        print(metric.vessel_table())
-        print(f"vessel Dice {metrics['vessel_dice']:.2f} | mDice {metrics['mDice']:.2f} | "
-              f"mIoU {metrics['mIoU']:.2f} | aAcc {metrics['aAcc']:.2f} | "
-              f"{len(val_set)} images in {seconds:.1f} s")
-        if args.save_predictions:
-            print(f"predictions: {args.save_predictions}")
+        _print_results(args, metric, metrics, val_set, seconds)
         if args.json:
-            record = {"config": cfg["name"], "checkpoint": os.path.abspath(args.checkpoint),
-                      "mode": mode, "tta": tta, "precision": precision,
-                      "fov": bool(args.fov), "num_images": len(val_set),
-                      # AUC from a histogram: its largest possible error, in the same unit
-                      "vessel_auc_max_error": metric.auc_error_bound(),
-                      "seconds": seconds, "device": str(dist_info.device),
-                      "time": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
-            folder = os.path.dirname(os.path.abspath(args.json))
-            os.makedirs(folder, exist_ok=True)
-            with atomic_write(args.json, "w") as f:
-                json.dump(record, f, indent=1)
-            print(f"json: {args.json}")
+            _write_json(args, dict(config=cfg["name"], mode=mode, tta=tta, precision=precision,
+                                   device=str(dist_info.device)), metric, metrics,
+                        len(val_set), seconds)
     distributed.shutdown()
     return metrics
+
+
+def _config_and_checkpoint(args):
+    """The config (--config's, else the checkpoint's own) and, when it had to be read for
+    that, the checkpoint (else None: read later)."""
+    from .training import cli
+
+    if args.config is not None:
+        return cli.load_config(args.config, args.cfg_options), None
+    ckpt = _read_checkpoint(args.checkpoint)
+    return _checkpoint_config(ckpt, args.checkpoint, args.cfg_options), ckpt
+
+
+def _check_output_paths(args):
+    from .training.cli import UserError
+
+    if args.json and os.path.isdir(args.json):
+        raise UserError(f"--json {args.json} is a folder; give a file name")
+    if args.save_predictions and os.path.exists(args.save_predictions) and not os.path.isdir(
+            args.save_predictions):
+        raise UserError(f"--save-predictions {args.save_predictions} exists and is not a "
+                        f"folder")
+
+
+def _load_model(cfg, ckpt, path, device):
+    """The config's segmentor with the checkpoint's weights, in eval mode and channels_last on
+    ``device``; returns it and the checkpoint's meta."""
+    from .models import build_segmentor
+    from .models.checkpoint import load_state
+    from .training.cli import UserError
+
+    try:
+        model = build_segmentor(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
+    try:
+        meta = load_state(model, ckpt, path)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    model.to(device).eval()
+    model.to(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and GPU (cuDNN)
+    return model, meta
+
+
+def _print_results(args, metric, metrics, val_set, seconds):
+    if val_set.grayscale:
+        from .inference.predictor import COLOUR_ADVICE
+
+        print(f"{PROG}: warning: {len(val_set.grayscale)} of the images scored here are "
+              f"grayscale (e.g. {val_set.grayscale[0]}); {COLOUR_ADVICE}", file=sys.stderr,
+              flush=True)
+    print(metric.table())
+    print(metric.vessel_table())
+    print(f"vessel Dice {metrics['vessel_dice']:.2f} | mDice {metrics['mDice']:.2f} | "
+          f"mIoU {metrics['mIoU']:.2f} | aAcc {metrics['aAcc']:.2f} | "
+          f"{len(val_set)} images in {seconds:.1f} s")
+    if args.save_predictions:
+        print(f"predictions: {args.save_predictions}")
+
+
+def _write_json(args, run, metric, metrics, num_images, seconds):
+    """--json: what ran (``run``: config, mode, tta, precision, device) and the metrics."""
+    from .atomic import atomic_write
+
+    record = {"config": run["config"], "checkpoint": os.path.abspath(args.checkpoint),
+              "mode": run["mode"], "tta": run["tta"], "precision": run["precision"],
+              "fov": bool(args.fov), "num_images": num_images,
+              # AUC from a histogram: its largest possible error, in the same unit
+              "vessel_auc_max_error": metric.auc_error_bound(),
+              "seconds": seconds, "device": run["device"],
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
+    folder = os.path.dirname(os.path.abspath(args.json))
+    os.makedirs(folder, exist_ok=True)
+    with atomic_write(args.json, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"json: {args.json}")
 
 
 def _read_checkpoint(path):

@@ -114,7 +114,7 @@ class Predictor:
                  crop_size=None, stride=None, window_batch=None, tta=None, gaussian=False,
                  fuse=True, channels_last=True, fov_diameter="auto", **engine_options):
         import fastunet
-        from ..models.checkpoint import checkpoint_config, load_state, read_checkpoint
+        from ..models.checkpoint import checkpoint_config, load_state
 
         if precision != "auto" and precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got "
@@ -128,14 +128,8 @@ class Predictor:
 
         self.device = resolve_device(device)  # ValueError for a device this machine lacks
         self.precision = resolve_precision(precision, self.device)
-        ckpt = None  # read before building the model: a wrong path fails fast, and it may
-        if checkpoint is not None:  # hold the config
-            if os.path.isdir(checkpoint):
-                raise IsADirectoryError(f"checkpoint {os.fspath(checkpoint)!r} is a folder, "
-                                        f"not a .pth file")
-            if not os.path.isfile(checkpoint):
-                raise FileNotFoundError(f"checkpoint {os.fspath(checkpoint)!r} does not exist")
-            ckpt = read_checkpoint(checkpoint)
+        # read before building the model: a wrong path fails fast, and it may hold the config
+        ckpt = None if checkpoint is None else _read_checkpoint(checkpoint)
         if config is None:
             config = checkpoint_config(ckpt, checkpoint)
         self.config = fastunet.get_config(config) if isinstance(config, str) else config
@@ -146,13 +140,7 @@ class Predictor:
         self.fov_diameter = _fov_diameter(fov_diameter, meta)
         model.eval()
         if fuse:
-            try:
-                fuse_model = fastunet.fuse
-            except (AttributeError, ImportError):  # a build without fastunet.nn.fuse
-                warnings.warn("fastunet.fuse is unavailable; the model runs unfused",
-                              RuntimeWarning, stacklevel=2)
-            else:
-                model = fuse_model(model)
+            model = fastunet.fuse(model)
         model.to(self.device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -261,6 +249,17 @@ class Predictor:
                 raise data
             image = decode_image(data, str(item)) if isinstance(data, bytes) else data
             yield self.predict(image, return_probs=return_probs)
+
+
+def _read_checkpoint(path):
+    """The checkpoint file's object; IsADirectoryError / FileNotFoundError name the path."""
+    from ..models.checkpoint import read_checkpoint
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {os.fspath(path)!r} is a folder, not a .pth file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+    return read_checkpoint(path)
 
 
 def _fov_diameter(fov_diameter, meta):
