@@ -151,12 +151,12 @@ Isa wino_isa() {
 }
 
 #ifdef FASTUNET_WINO_X86
-#define FASTUNET_WINO(...)                                  \
-  (wino_isa() == Isa::kAvx512 ? wino_avx512::__VA_ARGS__     \
-   : wino_isa() == Isa::kAvx2 ? wino_avx2::__VA_ARGS__       \
-                             : wino_base::__VA_ARGS__)
+#define FASTUNET_WINO(isa, ...)                        \
+  ((isa) == Isa::kAvx512 ? wino_avx512::__VA_ARGS__     \
+   : (isa) == Isa::kAvx2 ? wino_avx2::__VA_ARGS__       \
+                         : wino_base::__VA_ARGS__)
 #else
-#define FASTUNET_WINO(...) wino_base::__VA_ARGS__
+#define FASTUNET_WINO(isa, ...) ((void)(isa), wino_base::__VA_ARGS__)
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -175,6 +175,7 @@ Isa wino_isa() {
 // call, a cost of the order of the transform itself.
 at::Tensor transform_weight(const at::Tensor& weight, int64_t tile, bool transposed_flipped,
                             at::Tensor* workspace = nullptr) {
+  const Isa isa = wino_isa();  // read once: one kernel build for the whole call
   const at::Tensor w = weight.is_mkldnn() ? weight.to_dense() : weight;
   const int64_t alpha = tile + 2, cout = w.size(0), cin = w.size(1);
   const int64_t K = transposed_flipped ? cout : cin, N = transposed_flipped ? cin : cout;
@@ -221,13 +222,13 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t tile, bool transpo
         float* ur = up + (kb + r) * N;
         const float* gr = g + r * N;
         if (tile == 2 && transposed_flipped)
-          FASTUNET_WINO(winograd_weight_chunk<4, true>(gr, kRows * N, ur, P, N));
+          FASTUNET_WINO(isa, winograd_weight_chunk<4, true>(gr, kRows * N, ur, P, N));
         else if (tile == 2)
-          FASTUNET_WINO(winograd_weight_chunk<4, false>(gr, kRows * N, ur, P, N));
+          FASTUNET_WINO(isa, winograd_weight_chunk<4, false>(gr, kRows * N, ur, P, N));
         else if (transposed_flipped)
-          FASTUNET_WINO(winograd_weight_chunk<6, true>(gr, kRows * N, ur, P, N));
+          FASTUNET_WINO(isa, winograd_weight_chunk<6, true>(gr, kRows * N, ur, P, N));
         else
-          FASTUNET_WINO(winograd_weight_chunk<6, false>(gr, kRows * N, ur, P, N));
+          FASTUNET_WINO(isa, winograd_weight_chunk<6, false>(gr, kRows * N, ur, P, N));
       }
     }
   });
@@ -290,6 +291,7 @@ int64_t auto_block(int64_t cin, int64_t cout, int64_t tiles) {
 template <int A>
 void run_blocks(const float* x, const at::Tensor& ut, const float* bias, float* y, int64_t N,
                 int64_t H, int64_t W, int64_t cin, int64_t cout, bool relu, int64_t block) {
+  const Isa isa = wino_isa();  // read once: one kernel build for the whole call
   constexpr int m = A - 2;
   const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = N * th * tw;
   const int64_t blocks = (tiles + block - 1) / block;
@@ -318,10 +320,10 @@ void run_blocks(const float* x, const at::Tensor& ut, const float* bias, float* 
                                  : zeros.data();
           }
         }
-        FASTUNET_WINO(winograd_input_tile<A>(src, v.data() + k * cin, block * cin, cin));
+        FASTUNET_WINO(isa, winograd_input_tile<A>(src, v.data() + k * cin, block * cin, cin));
       }
       // M[xi] (nt x cout) = V[xi] (nt x cin) @ U[xi] (cin x cout)
-      if (wino_isa() == Isa::kAvx512) {
+      if (isa == Isa::kAvx512) {
 #ifdef FASTUNET_WINO_X86
         for (int xi = 0; xi < A * A; ++xi)
           wino_avx512::block_gemm(v.data() + xi * block * cin, cin, u + xi * cin * cout, cout,
@@ -345,10 +347,10 @@ void run_blocks(const float* x, const at::Tensor& ut, const float* bias, float* 
           }
         }
         if (relu)
-          FASTUNET_WINO(winograd_output_tile<A, true>(mt.data() + k * cout, block * cout, bptr,
+          FASTUNET_WINO(isa, winograd_output_tile<A, true>(mt.data() + k * cout, block * cout, bptr,
                                                       dst, cout));
         else
-          FASTUNET_WINO(winograd_output_tile<A, false>(mt.data() + k * cout, block * cout, bptr,
+          FASTUNET_WINO(isa, winograd_output_tile<A, false>(mt.data() + k * cout, block * cout, bptr,
                                                        dst, cout));
       }
     }
@@ -385,6 +387,7 @@ at::Tensor run_conv(const at::Tensor& input, const at::Tensor& u, const float* b
 // count), then dW = G^T dU G in double. Returned with the strides of `like` (the weight).
 at::Tensor winograd_conv3x3_grad_weight(const at::Tensor& input, const at::Tensor& grad,
                                         const at::Tensor& like) {
+  const Isa isa = wino_isa();  // read once: one kernel build for the whole call
   TORCH_CHECK(input.device().is_cpu() && input.dim() == 4 && input.scalar_type() == at::kFloat &&
                   grad.dim() == 4 && grad.scalar_type() == at::kFloat &&
                   grad.size(0) == input.size(0) && grad.size(2) == input.size(2) &&
@@ -424,16 +427,16 @@ at::Tensor winograd_conv3x3_grad_weight(const at::Tensor& input, const at::Tenso
           src[i * A + j] = (r >= 0 && r < H && c >= 0 && c < W) ? xp + ((n * H + r) * W + c) * cin
                                                                 : zeros.data();
         }
-      FASTUNET_WINO(winograd_input_tile<A>(src, v + t * cin, T * cin, cin));
+      FASTUNET_WINO(isa, winograd_input_tile<A>(src, v + t * cin, T * cin, cin));
       for (int i = 0; i < m; ++i)
         for (int j = 0; j < m; ++j) {
           const int64_t r = ty * m + i, c = tx * m + j;
           src[i * m + j] = (r < H && c < W) ? gp + ((n * H + r) * W + c) * cout : zeros.data();
         }
-      FASTUNET_WINO(winograd_grad_output_tile(src, mt + t * cout, T * cout, cout));
+      FASTUNET_WINO(isa, winograd_grad_output_tile(src, mt + t * cout, T * cout, cout));
     }
   });
-  if (wino_isa() == Isa::kAvx512) {
+  if (isa == Isa::kAvx512) {
 #ifdef FASTUNET_WINO_X86
     const int64_t panels = (cout + 63) / 64;
     at::parallel_for(0, A * A * panels, 1, [&](int64_t i0, int64_t i1) {
@@ -457,7 +460,7 @@ at::Tensor winograd_conv3x3_grad_weight(const at::Tensor& input, const at::Tenso
                                                                                  int64_t c1) {
     std::vector<float> taps(size_t(9) * cout);
     for (int64_t ci = c0; ci < c1; ++ci) {
-      FASTUNET_WINO(winograd_weight_grad_chunk(du + ci * cout, P, taps.data(), cout, cout));
+      FASTUNET_WINO(isa, winograd_weight_grad_chunk(du + ci * cout, P, taps.data(), cout, cout));
       for (int k = 0; k < 9; ++k)
         for (int64_t co = 0; co < cout; ++co)
           dwp[co * s0 + ci * s1 + (k / 3) * s2 + (k % 3) * s3] = taps[k * cout + co];
