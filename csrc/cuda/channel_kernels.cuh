@@ -32,6 +32,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAMacros.h>
 
 #include <algorithm>
 #include <array>
@@ -103,6 +105,21 @@ int64_t blocks_per_wave(Kernel kernel, size_t shared_bytes) {
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                                shared_bytes));
   return int64_t(std::max(per_sm, 1)) * sm_count();
+}
+
+// blocks_per_wave per device, computed on first use there (GPUs of one machine may differ in SM
+// count and occupancy); 0 = not yet known.
+using WaveCache = std::array<std::atomic<int64_t>, C10_COMPILE_TIME_MAX_GPUS>;
+
+template <typename Kernel>
+int64_t cached_blocks_per_wave(WaveCache& cache, Kernel kernel, size_t shared_bytes) {
+  auto& cached = cache[c10::cuda::current_device()];
+  int64_t wave = cached.load(std::memory_order_relaxed);
+  if (wave == 0) {
+    wave = blocks_per_wave(kernel, shared_bytes);
+    cached.store(wave, std::memory_order_relaxed);
+  }
+  return wave;
 }
 
 // Channel of element e (< 2^31) of an NCHW or NHWC tensor, by multiply-shift division.
@@ -246,7 +263,8 @@ void launch_channel_reduce(Op op, const BnShape& s, const at::TensorOptions& opt
   constexpr int L = Op::kLanes;
   static_assert(L == (kNhwc ? V : 1), "NHWC threads own V channels, NCHW threads one");
   auto kernel = channel_reduce_kernel<Op, V, kNhwc>;
-  static const int64_t wave = blocks_per_wave(kernel, 0);
+  static WaveCache waves{};
+  const int64_t wave = cached_blocks_per_wave(waves, kernel, 0);
   ReduceGeometry g{s.c, kNhwc ? s.count() : s.count() / V, 0, s.hw,
                    at::cuda::detail::IntDivider<unsigned int>(
                        static_cast<unsigned int>(std::max<int64_t>(s.hw, 1)))};
@@ -350,13 +368,9 @@ void launch_channel_map(const Op& op, const BnShape& s, const at::TensorOptions&
   }
   auto kernel = channel_map_kernel<Op, V, kNhwc>;
   // Waves depend on the shared memory per block: cached per 4 KiB step of it.
-  static std::array<std::atomic<int64_t>, kMaxSharedCoeffBytes / 4096 + 1> waves{};
-  auto& cached = waves[(shared + 4095) / 4096];
-  int64_t wave = cached.load(std::memory_order_relaxed);
-  if (wave == 0) {
-    wave = blocks_per_wave(kernel, (shared + 4095) / 4096 * 4096);
-    cached.store(wave, std::memory_order_relaxed);
-  }
+  static std::array<WaveCache, kMaxSharedCoeffBytes / 4096 + 1> waves{};
+  const int64_t wave = cached_blocks_per_wave(waves[(shared + 4095) / 4096], kernel,
+                                              (shared + 4095) / 4096 * 4096);
   const int64_t blocks = std::min<int64_t>((vectors + kThreads - 1) / kThreads, kWaves * wave);
   kernel<<<static_cast<unsigned int>(blocks), kThreads, shared, stream>>>(
       op, ChannelOf(s), s.c, static_cast<unsigned int>(vectors),
