@@ -25,7 +25,7 @@ import fastunet
 from fastunet import _native
 from fastunet.inference import InferenceEngine, cpu_has_native_bf16, planner
 from fastunet.ops.tile_reference import slide_inference
-from _harness import PeakMemory, best_of, interleaved_best  # noqa: E402  (benchmarks/ on sys.path)
+from _harness import PeakMemory, best_of, interleaved_best, summarize_snapshot  # noqa: E402
 
 
 # GPU cases: marked `cuda` and skipped without a GPU and the CUDA kernels
@@ -390,29 +390,6 @@ def test_cuda_hrf_bf16_window_batch_vs_memory(benchmark):
             **{f"batch{b}_{k}": v for b, r in sweep.items() for k, v in r.items()})
 
 
-def _live_at_peak(trace, top=8):
-    """(peak bytes, [(where, bytes)] of the `top` largest groups of blocks live at that peak)
-    from a CUDA caching-allocator trace (``torch.cuda.memory._snapshot()['device_traces'][i]``,
-    recorded with Python stacks). A block is grouped by its innermost frame inside fastunet,
-    else its innermost frame."""
-    live, total, peak, at_peak = {}, 0, 0, {}
-    for event in trace:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-            total += event["size"]
-            if total > peak:
-                peak, at_peak = total, dict(live)
-        elif event["action"] == "free_requested" and event["addr"] in live:
-            total -= live.pop(event["addr"])["size"]
-    groups = {}
-    for event in at_peak.values():
-        frames = event.get("frames") or [{"filename": "?", "line": 0, "name": "?"}]
-        frame = next((f for f in frames if "/fastunet/" in f["filename"]), frames[0])
-        where = f"{frame['filename'].rsplit('/', 2)[-1]}:{frame['line']} {frame['name']}"
-        groups[where] = groups.get(where, 0) + event["size"]
-    return peak, sorted(groups.items(), key=lambda kv: -kv[1])[:top]
-
-
 @CUDA[0]
 @CUDA[1]
 def test_cuda_hrf_bf16_memory_per_window(benchmark):
@@ -459,8 +436,7 @@ def test_cuda_hrf_bf16_memory_per_window(benchmark):
 
         with open(os.path.join(os.environ["OUT"], "hrf_bf16_memory_snapshot.pickle"), "wb") as f:
             pickle.dump(snapshot, f)
-    trace = snapshot["device_traces"][torch.cuda.current_device()]
-    peak, groups = _live_at_peak(trace)
+    live = summarize_snapshot(snapshot, top=8)
     benchmark.pedantic(lambda: None, rounds=1, warmup_rounds=0)
     per_window = {v: (peaks[(v, 16)] - peaks[(v, 8)]) / 8 / 2**20 for v in ("as_is",
                                                                            "upsample_bf16")}
@@ -468,6 +444,6 @@ def test_cuda_hrf_bf16_memory_per_window(benchmark):
             device=torch.cuda.get_device_name(),
             per_window_MiB=per_window["as_is"], per_window_upsample_bf16_MiB=per_window[
                 "upsample_bf16"], peak_batch16_MiB=peaks[("as_is", 16)] / 2**20,
-            snapshot_peak_MiB=peak / 2**20,
-            **{f"live_at_peak_{i}": f"{where} {size / 2**20:.1f} MiB"
-               for i, (where, size) in enumerate(groups)})
+            snapshot_peak_MiB=live["peak_live_bytes"] / 2**20,
+            **{f"live_at_peak_{i}": f"{g['where']} {g['bytes'] / 2**20:.1f} MiB"
+               for i, g in enumerate(live["largest_at_peak"])})

@@ -294,8 +294,8 @@ import sys, time, torch
 sys.path[:0] = [".", "benchmarks"]
 from benchmarks.bench_train import _setup, _runner
 if sys.argv[1] == "1":
-    from fastunet.training import determinism
-    determinism.enable("cuda")
+    import fastunet
+    fastunet.set_deterministic(True)
 else:
     torch.backends.cudnn.benchmark = True
 run = _runner(_setup("fcn_unet_s5-d16_64x64_40k_drive", 16, 64, "cuda", channels_last=True),

@@ -550,41 +550,6 @@ def _measure_reference(config, crop, stride, x, device):
             "modules": "unfused", "windows": "one per forward"}
 
 
-def summarize_snapshot(snapshot, top=12):
-    """What is live at the peak of a torch.cuda.memory._snapshot(): the allocation trace is
-    replayed to the moment of most live bytes, and the blocks live then are grouped by the
-    first stack frame in fastunet (else the first frame), largest first."""
-    traces = [e for dev in snapshot.get("device_traces", []) for e in dev]
-    live, total, peak, peak_at = {}, 0, 0, -1
-    for i, e in enumerate(traces):
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-            total += e["size"]
-        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
-            total -= live.pop(e["addr"])["size"]
-        if total > peak:
-            peak, peak_at = total, i
-    live = {}
-    for e in traces[:peak_at + 1]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-        elif e["action"] in ("free_requested", "free_completed"):
-            live.pop(e["addr"], None)
-    groups = {}
-    for e in live.values():
-        frames = e.get("frames") or []
-        ours = [f for f in frames if "fastunet" in f.get("filename", "")]
-        f = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
-        key = f"{os.path.relpath(f['filename'], ROOT) if ours else f['filename']}:" \
-              f"{f['line']} ({f['name']})"
-        g = groups.setdefault(key, {"where": key, "bytes": 0, "blocks": 0})
-        g["bytes"] += e["size"]
-        g["blocks"] += 1
-    largest = sorted(groups.values(), key=lambda g: -g["bytes"])[:top]
-    return {"events": len(traces), "peak_live_bytes": peak, "live_blocks_at_peak": len(live),
-            "largest_at_peak": largest}
-
-
 def section_memory(ctx, result):
     device, s = ctx.device, ctx.sizes
     if device.type != "cuda":
@@ -615,7 +580,7 @@ def section_memory(ctx, result):
     peak = torch.cuda.max_memory_allocated() - base
     result.update(window_batch=batch, window=256, precision="bf16",
                   peak_bytes_above_weights=peak, peak_MiB_per_window=peak / batch / 2**20,
-                  output_bytes=out.nbytes, summary=summarize_snapshot(snapshot))
+                  output_bytes=out.nbytes, summary=_harness.summarize_snapshot(snapshot))
 
 
 def section_tests(ctx, result):

@@ -44,7 +44,8 @@ from .data import DatasetError, ImageReadError
 from .models import build_segmentor, load_checkpoint
 from .models.checkpoint import extract_state_dict
 from .models.configs import list_configs
-from .training import cli, data as tdata, determinism, distributed, state
+from .runtime import set_deterministic
+from .training import cli, data as tdata, distributed, state
 from .training.cli import UserError
 from .training.evaluation import evaluate
 from .training.log import RunLog, format_duration
@@ -224,7 +225,7 @@ def _train(args, restore):
     amp_dtype = _resolve_amp(args.amp, device)
     capture = _resolve_capture(args, device, dist_info, amp_dtype)
     if args.deterministic:
-        restore.append(determinism.enable(device))  # also fastunet.set_deterministic
+        restore.append(set_deterministic(True))  # with the CUDA backward kernels of determinism
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: autotuning pays off
     resume_path = _resume_path(args, work_dir)

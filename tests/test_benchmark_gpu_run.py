@@ -159,7 +159,7 @@ def test_summarize_snapshot_reports_what_is_live_at_the_peak():
     trace = [ev("alloc", 1, 100), ev("alloc", 2, 300, "fastunet/nn/conv_bn_relu.py"),
              ev("alloc", 3, 50), ev("free_requested", 1, 100), ev("free_completed", 1, 100),
              ev("alloc", 4, 10), ev("free_requested", 2, 300)]
-    summary = gpu_run.summarize_snapshot({"device_traces": [trace]})
+    summary = gpu_run._harness.summarize_snapshot({"device_traces": [trace]})
     assert summary["peak_live_bytes"] == 450 and summary["live_blocks_at_peak"] == 3
     top = summary["largest_at_peak"]
     assert top[0] == {"where": "fastunet/nn/conv_bn_relu.py:7 (f)", "bytes": 300, "blocks": 1}

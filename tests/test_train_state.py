@@ -213,3 +213,17 @@ def test_check_resumable_takes_a_captured_runs_optimizer_and_back(tmp_path):
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['foreach'\] is"):
         state.check_resumable(dict(ckpt, optimizer=dict(ckpt["optimizer"], param_groups=groups)),
                               model, eager, max_iters=10)
+
+
+def test_check_resumable_names_weights_of_another_model(tmp_path):
+    # refused before anything loads, with what differs (not torch's multi-line load error)
+    _, model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state.save_training_checkpoint(tmp_path, model, opt, 1, {}, [state.rng_state()])
+    ckpt = state.load_training_checkpoint(tmp_path / "latest.pth")
+    sd = dict(ckpt["state_dict"])
+    key = next(iter(sd))
+    sd["extra.weight"] = sd.pop(key)
+    with pytest.raises(ValueError, match=rf"its weights do not match the model: 1 missing keys "
+                                         rf"\({key}\); 1 unexpected keys \(extra.weight\)"):
+        state.check_resumable(dict(ckpt, state_dict=sd), model, opt, max_iters=10)

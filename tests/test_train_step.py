@@ -126,10 +126,8 @@ def test_graphed_update_replays_the_eager_update():
 def test_cuda_graph_replays_the_eager_update_bit_for_bit():
     # a real CUDA graph: deterministic kernels, fp32, no dropout (its masks come from the
     # generator's offsets, which a graph advances by the whole step at once)
-    from fastunet.training import determinism
-
     no_dropout = ["model.decode_head.dropout_ratio=0", "model.auxiliary_head.dropout_ratio=0"]
-    undo = determinism.enable(torch.device("cuda"))
+    undo = fastunet.set_deterministic(True)
     try:
         runs = [_eight_updates(kind, "cuda", 8, no_dropout) for kind in (Update, GraphedUpdate)]
         torch.cuda.synchronize()

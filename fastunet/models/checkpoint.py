@@ -30,7 +30,8 @@ import zipfile
 import torch
 import torch.nn as nn
 
-from .checkpoint_scan import INERT, CheckpointRefused, scan_checkpoint
+from .checkpoint_scan import (INERT, CheckpointRefused, numpy_dtype_classes, scan_checkpoint,
+                              summary)
 
 __all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "extract_state_dict",
            "load_state", "checkpoint_config", "OpaqueObject", "UnsafeCheckpointError"]
@@ -74,11 +75,7 @@ def _numpy_globals():
     for mod in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray"):
         for attr, obj in safe.items():
             out[f"{mod}.{attr}"] = obj
-    for dt in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
-               np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128,
-               np.str_, np.bytes_, np.object_):
-        cls = type(np.dtype(dt))
-        out[f"{cls.__module__}.{cls.__name__}"] = cls  # numpy>=1.25 pickles dtypes by class
+    out.update(numpy_dtype_classes())
     return out
 
 
@@ -164,7 +161,7 @@ def extract_state_dict(ckpt):
         kinds = sorted({v.name if isinstance(v, OpaqueObject) and v.name else type(v).__name__
                         for k, v in state.items() if k in bad})
         raise ValueError(f"checkpoint state_dict holds {len(bad)} entries that are not tensors "
-                         f"({_summary(bad)}: {', '.join(kinds)}); pickled objects are never "
+                         f"({summary(bad)}: {', '.join(kinds)}); pickled objects are never "
                          f"executed, and weights must be tensors")
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP/DP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -176,12 +173,6 @@ def _unwrap(model):
                                               nn.parallel.DistributedDataParallel)) else model
 
 
-def _summary(keys, n=4):
-    keys = list(keys)
-    more = f", ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def _mismatch(model_state, state):
     missing = [k for k in model_state if k not in state]
     unexpected = [k for k in state if k not in model_state]
@@ -189,6 +180,15 @@ def _mismatch(model_state, state):
               for k in model_state if k in state and hasattr(state[k], "shape")
               and tuple(state[k].shape) != tuple(model_state[k].shape)]
     return missing, unexpected, shapes
+
+
+def mismatch_summary(model, state):
+    """How a state_dict differs from ``model``'s (missing, unexpected and mis-shaped keys) in one
+    line; "" when every key and shape matches."""
+    missing, unexpected, shapes = _mismatch(_unwrap(model).state_dict(), state)
+    return "; ".join(f"{len(l)} {what} ({summary(l)})" for what, l in
+                     (("missing keys", missing), ("unexpected keys", unexpected),
+                      ("shape mismatches", shapes)) if l)
 
 
 def load_checkpoint(model, path, map_location="cpu", strict=True):
@@ -212,10 +212,8 @@ def load_state(model, ckpt, path="checkpoint", strict=True):
     model_state = target.state_dict()
     missing, unexpected, shapes = _mismatch(model_state, state)
     if missing or unexpected or shapes:
-        parts = [f"{len(l)} {what} ({_summary(l)})" for what, l in
-                 (("missing keys", missing), ("unexpected keys", unexpected),
-                  ("shape mismatches", shapes)) if l]
-        msg = (f"checkpoint {os.fspath(path)} does not match the model: {'; '.join(parts)}")
+        msg = (f"checkpoint {os.fspath(path)} does not match the model: "
+               f"{mismatch_summary(target, state)}")
         if strict:
             raise ValueError(msg + ". Is it for another config (head, base_channels)? Build the "
                              "model from the config it was trained with, or pass strict=False")

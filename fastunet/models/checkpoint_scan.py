@@ -27,7 +27,8 @@ import warnings
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 
-__all__ = ["scan_checkpoint", "CheckpointRefused", "INERT", "ALLOWED_PLAIN"]
+__all__ = ["scan_checkpoint", "CheckpointRefused", "INERT", "ALLOWED_PLAIN", "numpy_dtype_classes",
+           "summary"]
 
 
 class CheckpointRefused(Exception):
@@ -80,18 +81,20 @@ def _storage_itemsizes():
     return out
 
 
-def _numpy_dtype_classes():
+def numpy_dtype_classes():
+    """Name -> class of the numpy dtype classes a checkpoint may pickle (numpy >= 1.25 pickles
+    dtypes by class); the scan allows these names and the loader maps them to the classes."""
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a dependency
-        return ()
-    names = []
+        return {}
+    out = {}
     for dt in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128,
                np.str_, np.bytes_, np.object_):
         cls = type(np.dtype(dt))
-        names.append(f"{cls.__module__}.{cls.__name__}")  # numpy>=1.25 checks dtypes by class
-    return tuple(names)
+        out[f"{cls.__module__}.{cls.__name__}"] = cls
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,7 +103,7 @@ def _allowlist():
 
     dtypes = {f"torch.{n}" for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
     storages = _storage_itemsizes()
-    return (frozenset(ALLOWED_PLAIN) | set(_NUMPY) | set(_numpy_dtype_classes()) | set(INERT)
+    return (frozenset(ALLOWED_PLAIN) | set(_NUMPY) | set(numpy_dtype_classes()) | set(INERT)
             | dtypes | set(storages)), storages
 
 
@@ -325,7 +328,7 @@ def scan_checkpoint(path):
         return None
     foreign = sorted(n for n in scan.names if n not in allowed)
     if foreign and (scan.complete or all(_IDENTIFIER.fullmatch(n) for n in foreign)):
-        raise CheckpointRefused(f"it pickles {_summary(foreign)}, which "
+        raise CheckpointRefused(f"it pickles {summary(foreign)}, which "
                                 f"{'is' if len(foreign) == 1 else 'are'} not among what weights "
                                 f"files hold (tensors, numpy arrays, plain containers, mmengine's "
                                 f"log buffers)")
@@ -336,6 +339,8 @@ def scan_checkpoint(path):
     return scan.names
 
 
-def _summary(names, n=4):
+def summary(names, n=4):
+    """The first ``n`` names, and how many more."""
+    names = list(names)
     more = f", ... (+{len(names) - n} more)" if len(names) > n else ""
     return ", ".join(names[:n]) + more

@@ -21,7 +21,7 @@ loss of cuDNN autotuning (see benchmarks/bench_train.py, the ``deterministic`` c
 
 import torch
 
-__all__ = ["enable", "register_cuda_kernels", "unregister_cuda_kernels", "interp_matrix", "adaptive_pool_matrix", "upsample_bilinear2d_backward",
+__all__ = ["register_cuda_kernels", "unregister_cuda_kernels", "interp_matrix", "adaptive_pool_matrix", "upsample_bilinear2d_backward",
            "adaptive_avg_pool2d_backward"]
 
 _LIBRARY = None  # the torch.library registration (kept alive for the process)
@@ -126,22 +126,3 @@ def unregister_cuda_kernels():
         _LIBRARY = None
 
 
-def enable(device):
-    """Make training on ``device`` repeatable run to run (see the module docstring).
-
-    Returns a function that restores the previous settings (these switches are process-wide).
-    """
-    from ..runtime import set_deterministic
-
-    # the process-wide switches (and the inference engine's fixed planning, used by the
-    # evaluations) are fastunet.set_deterministic's; the backward kernels are added here
-    restore_switches = set_deterministic(True)
-    registered = torch.device(device).type == "cuda" and _LIBRARY is None
-    if registered:
-        register_cuda_kernels()
-
-    def restore():
-        restore_switches()
-        if registered:
-            unregister_cuda_kernels()
-    return restore

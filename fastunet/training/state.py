@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_copy, remove_stale_temp_files  # noqa: F401  (the work dir's too)
-from ..models.checkpoint import UnsafeCheckpointError, read_checkpoint, save_checkpoint
+from ..models.checkpoint import (UnsafeCheckpointError, extract_state_dict, mismatch_summary,
+                                 read_checkpoint, save_checkpoint)
 
 __all__ = ["rng_state", "set_rng_state", "save_training_checkpoint", "latest_checkpoint",
            "load_training_checkpoint", "check_resumable", "remove_stale_temp_files",
@@ -300,10 +301,13 @@ def check_resumable(ckpt, model, optimizer, scaler=None, max_iters=None):
     and metrics of the right types and ranges, finite weights, momentum buffers of each
     parameter's shape as dense finite floating-point tensors, valid SGD and GradScaler settings.
     Nothing is loaded; run it before any step."""
-    from ..models.checkpoint import extract_state_dict
-
     _check_meta(ckpt["meta"], max_iters)
-    for key, value in extract_state_dict(ckpt).items():
+    state = extract_state_dict(ckpt)
+    differs = mismatch_summary(model, state)
+    if differs:
+        raise ValueError(f"its weights do not match the model: {differs} (a checkpoint of "
+                         f"another config?)")
+    for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"state_dict[{key!r}] holds NaN or infinite values")
     _check_optimizer(ckpt["optimizer"], optimizer)

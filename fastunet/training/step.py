@@ -152,9 +152,9 @@ class LossTracker:
 
     def add(self, losses, iteration):
         """Record the loss vector of update ``iteration`` (0-based)."""
-        seen = self.first_bad <= self.max_iters
-        self.first_bad = torch.where(torch.isfinite(losses).all() | seen, self.first_bad,
-                                     torch.full_like(self.first_bad, iteration + 1))
+        # the earliest bad iteration wins; a finite update proposes "none" (max_iters + 1)
+        self.first_bad = torch.minimum(self.first_bad, torch.where(
+            torch.isfinite(losses).all(), self.max_iters + 1, iteration + 1))
         self.sums = losses.clone() if self.sums is None else self.sums + losses
         self.last, self.count = losses, self.count + 1
 

@@ -12,7 +12,6 @@ by the same detector that measures photos (``fastunet.inference.fov.detect_fov``
 photo rescaled to it shows vessels at the widths the model learned; it is measured for the
 built-in synthetic data set, and must be given (``--fov-diameter``) for others.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -21,6 +20,8 @@ import sys
 import numpy as np
 import torch
 
+from .._cli import ArgumentParser, fail
+from ..atomic import atomic_write
 from . import PRETRAINED, RECORD
 
 __all__ = ["build_weights", "training_fov_diameter", "sha256"]
@@ -79,14 +80,14 @@ def build_weights(checkpoint, out=PRETRAINED, record=RECORD, commit=None, fov_di
             "validation": f"the config's synthetic validation images ({cfg['data'].get('num_val')})",
             "metrics": summary, "fov_diameter": diameter,
             "built_with": f"{PROG} {os.fspath(checkpoint)} --commit {commit}"}
-    with open(record, "w", encoding="utf-8") as f:
+    with atomic_write(record, "w") as f:
         json.dump(info, f, indent=2)
         f.write("\n")
     return info
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="the training run's checkpoint (work_dirs/NAME/latest.pth)")
     p.add_argument("--commit", required=True,
                    help="the fastunet commit the training ran at (recorded with the weights)")
@@ -99,8 +100,7 @@ def main(argv=None):
         info = build_weights(args.checkpoint, args.out, args.record, args.commit,
                              args.fov_diameter)
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return fail(PROG, e)
     print(json.dumps(info, indent=2))
     return 0
 
