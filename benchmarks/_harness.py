@@ -33,6 +33,7 @@ import torch
 if __name__ == "__main__":  # run as a script: import the fastunet of this tree
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastunet import _native  # noqa: E402
+from fastunet.training.step import set_fused  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available() and _native.has_cuda_kernels()
 CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(
@@ -139,9 +140,7 @@ def window_flops(config, height, width):
 
     with torch.device("meta"):
         model = fastunet.build_segmentor(fastunet.get_config(config)).eval()
-    for m in model.modules():
-        if isinstance(m, fastunet.nn.ConvBNReLU):
-            m.fused = False  # the native ops have no FLOP formulas; the plain ones count the same
+    set_fused(model, False)  # the native ops have no FLOP formulas; the plain ones count alike
     return count_flops(model.encode_decode, torch.empty(1, 3, height, width, device="meta"))
 
 
@@ -153,9 +152,7 @@ def train_step_flops(config, batch, height, width):
 
     with torch.device("meta"):
         model = fastunet.build_segmentor(fastunet.get_config(config)).train()
-    for m in model.modules():
-        if isinstance(m, fastunet.nn.ConvBNReLU):
-            m.fused = False
+    set_fused(model, False)
     x = torch.empty(batch, 3, height, width, device="meta")
     label = torch.zeros(batch, height, width, dtype=torch.long, device="meta")
     from torch.utils.flop_counter import FlopCounterMode

@@ -37,6 +37,7 @@ import _harness
 import fastunet
 from fastunet.inference import InferenceEngine, planner
 from fastunet.ops.tile_reference import slide_inference
+from fastunet.training.step import set_fused
 
 DATASETS = {  # name -> (image H, W, crop, stride), mmseg's published test settings
     "drive": (584, 565, 64, 42),
@@ -85,9 +86,7 @@ def _setup(device, head, dataset):
         torch.manual_seed(0)
         model = fastunet.build_segmentor(fastunet.get_config(config_name(head, dataset))).eval()
         reference = copy.deepcopy(model)
-        for m in reference.modules():
-            if isinstance(m, fastunet.nn.ConvBNReLU):
-                m.fused = False
+        set_fused(reference, False)
         fast = fastunet.fuse(model).to(memory_format=torch.channels_last)
         height, width = DATASETS[dataset][:2]
         image = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(1))

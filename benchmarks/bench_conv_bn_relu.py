@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import _harness
 from _harness import interleaved_best
 import fastunet
-from fastunet.nn import ConvBNReLU
+from fastunet.training.step import set_fused
 
 REFERENCE = "unfused modules (conv -> BN -> ReLU, FASTUNET_FUSED=0)"
 
@@ -28,13 +28,6 @@ def build_model():
     """(model, name): UNet-S5-D16 + FCN head of the DRIVE config (64x64 windows)."""
     name = "fcn_unet_s5-d16_64x64_40k_drive"
     return fastunet.build_segmentor(fastunet.get_config(name)), name
-
-
-def set_fused(model, fused):
-    for m in model.modules():
-        if isinstance(m, ConvBNReLU):
-            m.fused = fused
-    return model
 
 
 def conv_only(model, x):

@@ -25,6 +25,7 @@ import fastunet
 from fastunet import _native
 from fastunet.inference import InferenceEngine, cpu_has_native_bf16, planner
 from fastunet.ops.tile_reference import slide_inference
+from fastunet.training.step import set_fused
 from _harness import PeakMemory, best_of, interleaved_best, summarize_snapshot  # noqa: E402
 
 
@@ -42,9 +43,7 @@ def _model(device, fast, config=CONFIG):
     torch.manual_seed(0)
     model = fastunet.build_segmentor(fastunet.get_config(config)).eval()
     if not fast:  # the eager reference: plain Conv2d -> BatchNorm2d -> ReLU, as mmseg runs it
-        for m in model.modules():
-            if isinstance(m, fastunet.nn.ConvBNReLU):
-                m.fused = False
+        set_fused(model, False)
     else:
         try:
             model = fastunet.fuse(model)

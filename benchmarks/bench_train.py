@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import fastunet
 from fastunet.models import apply_overrides
 from fastunet.training.schedule import build_optimizer
-from fastunet.training.step import GraphedUpdate, TrainStep, Update, train_step
+from fastunet.training.step import GraphedUpdate, TrainStep, Update, set_fused, train_step
 from _harness import interleaved_best  # noqa: E402  (benchmarks/ is on sys.path under pytest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,9 +53,7 @@ def _setup(config, batch, size, device, fused=True, channels_last=False, overrid
     torch.manual_seed(seed)
     cfg = apply_overrides(fastunet.get_config(config), list(overrides))
     model = fastunet.build_segmentor(cfg).to(device).train()
-    for m in model.modules():  # fused: fastunet's kernels, also where the default is plain (CUDA)
-        if isinstance(m, fastunet.nn.ConvBNReLU):
-            m.fused = bool(fused)
+    set_fused(model, bool(fused))  # fastunet's kernels, also where the default is plain (CUDA)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     opt = build_optimizer(model, cfg["train"])
@@ -375,9 +373,7 @@ def plain_loop(iterations, batch=4, seed=0, cache=None, warmup=10):
 
     torch.manual_seed(seed)
     model = fastunet.build_segmentor(cfg).train()
-    for m in model.modules():
-        if isinstance(m, fastunet.nn.ConvBNReLU):
-            m.fused = False  # plain Conv2d, BatchNorm2d, ReLU
+    set_fused(model, False)  # plain Conv2d, BatchNorm2d, ReLU
     opt = torch.optim.SGD(model.parameters(), lr=tcfg["lr"], momentum=tcfg["momentum"],
                           weight_decay=tcfg["weight_decay"])
     t0 = None

@@ -53,6 +53,7 @@ sys.path.insert(0, ROOT)  # the fastunet of this tree
 sys.path.insert(0, HERE)  # _harness
 import fastunet  # noqa: E402
 from fastunet import _native, settings  # noqa: E402
+from fastunet.training.step import set_fused  # noqa: E402
 import _harness  # noqa: E402
 
 SCHEMA = "fastunet-gpu-run/1"
@@ -388,9 +389,7 @@ def section_tiles(ctx, result):
 def _train_model(fused, device):
     torch.manual_seed(0)
     model = fastunet.build_segmentor(fastunet.get_config(DRIVE_CONFIG)).to(device).train()
-    for m in model.modules():
-        if isinstance(m, fastunet.nn.ConvBNReLU):
-            m.fused = fused
+    set_fused(model, fused)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -482,9 +481,7 @@ def _inference_model(config, device, fused):
     if fused:
         model = fastunet.fuse(model).to(memory_format=torch.channels_last)
     else:
-        for m in model.modules():
-            if isinstance(m, fastunet.nn.ConvBNReLU):
-                m.fused = False
+        set_fused(model, False)
     return model.to(device)
 
 
@@ -565,19 +562,17 @@ def section_memory(ctx, result):
     run = lambda: model.encode_decode(x)  # noqa: E731
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         run()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        # Python stacks only: symbolising C++ frames could take longer than the section
-        torch.cuda.memory._record_memory_history(context="alloc", stacks="python",
-                                                 max_entries=200000)
-        try:
-            out = run()
-            torch.cuda.synchronize()
-            snapshot = torch.cuda.memory._snapshot()
-        finally:
-            torch.cuda.memory._record_memory_history(enabled=None)
-    peak = torch.cuda.max_memory_allocated() - base
+        with _harness.PeakMemory(device) as mem:
+            # Python stacks only: symbolising C++ frames could take longer than the section
+            torch.cuda.memory._record_memory_history(context="alloc", stacks="python",
+                                                     max_entries=200000)
+            try:
+                out = run()
+                torch.cuda.synchronize()
+                snapshot = torch.cuda.memory._snapshot()
+            finally:
+                torch.cuda.memory._record_memory_history(enabled=None)
+    peak = mem.bytes
     result.update(window_batch=batch, window=256, precision="bf16",
                   peak_bytes_above_weights=peak, peak_MiB_per_window=peak / batch / 2**20,
                   output_bytes=out.nbytes, summary=_harness.summarize_snapshot(snapshot))

@@ -149,20 +149,15 @@ def build_parser():
 
 
 def _load_model(args):
-    from .models import build_segmentor, load_checkpoint
-    from .training.cli import UserError, load_config
+    from .models.checkpoint import load_state
+    from .training.cli import UserError, build_model, load_config, read_checkpoint
 
     cfg = load_config(args.config, args.cfg_options)
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise UserError(f"checkpoint {args.checkpoint} "
-                        + ("is a folder" if os.path.isdir(args.checkpoint) else "not found"))
-    try:
-        model = build_segmentor(cfg)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
-    if args.checkpoint is not None:
+    ckpt = None if args.checkpoint is None else read_checkpoint(args.checkpoint)
+    model = build_model(cfg)
+    if ckpt is not None:
         try:
-            load_checkpoint(model, args.checkpoint)
+            load_state(model, ckpt, args.checkpoint)
         except (ValueError, RuntimeError) as e:
             raise UserError(str(e).splitlines()[0]) from None
     return model

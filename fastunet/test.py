@@ -115,7 +115,7 @@ def run_test(args):
     except (tdata.DataRootError, FileNotFoundError, ValueError) as e:
         raise cli.UserError(str(e).splitlines()[0]) from None
     if ckpt is None:  # with --config, the data is checked before the checkpoint is read
-        ckpt = _read_checkpoint(args.checkpoint)
+        ckpt = cli.read_checkpoint(args.checkpoint)
     model, meta = _load_model(cfg, ckpt, args.checkpoint, dist_info.device)
     mode = args.mode or model.test_cfg.get("mode", "whole")
     tta = None if args.tta == "none" else args.tta
@@ -161,7 +161,7 @@ def _config_and_checkpoint(args):
 
     if args.config is not None:
         return cli.load_config(args.config, args.cfg_options), None
-    ckpt = _read_checkpoint(args.checkpoint)
+    ckpt = cli.read_checkpoint(args.checkpoint)
     return _checkpoint_config(ckpt, args.checkpoint, args.cfg_options), ckpt
 
 
@@ -179,14 +179,10 @@ def _check_output_paths(args):
 def _load_model(cfg, ckpt, path, device):
     """The config's segmentor with the checkpoint's weights, in eval mode and channels_last on
     ``device``; returns it and the checkpoint's meta."""
-    from .models import build_segmentor
     from .models.checkpoint import load_state
-    from .training.cli import UserError
+    from .training.cli import UserError, build_model
 
-    try:
-        model = build_segmentor(cfg)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
+    model = build_model(cfg)
     try:
         meta = load_state(model, ckpt, path)
     except (ValueError, RuntimeError) as e:
@@ -228,20 +224,6 @@ def _write_json(args, run, metric, metrics, num_images, seconds):
     with atomic_write(args.json, "w") as f:
         json.dump(record, f, indent=1)
     print(f"json: {args.json}")
-
-
-def _read_checkpoint(path):
-    """The checkpoint file's object; UserError (one line) when it cannot be read."""
-    from .models.checkpoint import read_checkpoint
-    from .training.cli import UserError
-
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} " + ("is a folder" if os.path.isdir(path) else
-                                                  "not found"))
-    try:
-        return read_checkpoint(path)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise UserError(str(e).splitlines()[0]) from None
 
 
 def _checkpoint_config(ckpt, path, cfg_options):

@@ -41,7 +41,7 @@ from ._cli import ArgumentParser, add_deterministic_flag
 from .atomic import DiskFullError
 from .conv_plan import train_fused_default
 from .data import DatasetError, ImageReadError
-from .models import build_segmentor, load_checkpoint
+from .models import load_checkpoint
 from .models.checkpoint import extract_state_dict
 from .models.configs import list_configs
 from .runtime import set_deterministic
@@ -449,10 +449,7 @@ def _seed_all(seed):
 def _build_model(cfg, args, device):
     """The segmentor on ``device`` in channels_last, with --load-from's weights; returns it and
     its training ``fused`` setting."""
-    try:
-        model = build_segmentor(cfg)
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
+    model = cli.build_model(cfg)
     if args.load_from:
         try:
             load_checkpoint(model, args.load_from)

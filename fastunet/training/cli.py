@@ -8,12 +8,34 @@ from ..data.transforms import LABEL_RESIZE
 from ..models.config_files import ConfigFileError
 from ..models.configs import ConfigKeyError, apply_overrides, get_config
 
-__all__ = ["UserError", "load_config", "print_config", "fail", "default_work_dir",
+__all__ = ["UserError", "load_config", "print_config", "fail", "read_checkpoint", "build_model",
+           "default_work_dir",
            "validate_training_config", "check_budget", "check_device", "data_error_message"]
 
 
 class UserError(Exception):
     """A mistake in the command line or the files it names: printed as one line, exit code 2."""
+
+
+def read_checkpoint(path):
+    """The checkpoint file's object (fastunet.models.read_checkpoint); a missing file, a folder, a
+    refused or unreadable file becomes a UserError of one line."""
+    from ..models.checkpoint import read_checkpoint as read
+
+    try:
+        return read(path)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+
+
+def build_model(cfg):
+    """The config's segmentor; a config that cannot build one becomes a UserError."""
+    from ..models import build_segmentor
+
+    try:
+        return build_segmentor(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"cannot build the model of config {cfg['name']}: {e}") from None
 
 
 def load_config(name, cfg_options=None):
